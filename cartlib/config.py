@@ -1,0 +1,202 @@
+"""Typed configuration loaded from `params.yaml`, the single source of hyperparameters.
+
+One frozen dataclass per `params.yaml` section. Loading is strict: an unknown key, a missing
+section or a value of the wrong type raises a `ConfigError` that names the file and the key,
+before any expensive work starts. `base.scale: smoke` applies the `smoke:` overrides, so the
+tests run the same pipeline at a tiny size without a second copy of every value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("image", "audio", "video")
+
+
+class ConfigError(ValueError):
+    """params.yaml does not match the expected schema."""
+
+
+class Scale(str, enum.Enum):
+    DEFAULT = "default"
+    SMOKE = "smoke"
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    seed: int = 0  # one seed for every stage: same seed → same data, identifiers, metrics (CPU)
+    device: str = "auto"  # auto | cpu | cuda; auto takes the GPU where present
+    scale: Scale = Scale.DEFAULT  # smoke applies the `smoke:` overrides (tests, quick looks)
+    tasks: tuple[str, ...] = TASKS  # the tasks DVC fans the stages out over
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic = the built-in benchmark; real datasets by name (issue 7)
+    root: str = ""  # local folder of a real dataset; unused for synthetic
+    n_train: int = 5000  # train items per task (their captions train the encoder and CART)
+    n_test: int = 1000  # test gallery per task (Flickr30K's test gallery has 1K images)
+    n_captions: int = 5  # reference captions per item (test ones are the queries)
+    n_pseudo: int = 2  # pseudo-captions per item from the imperfect captioner (caption enhancement)
+    captioner_error_rate: float = 0.3  # chance that the captioner drops or confuses an attribute
+    chunk_size: int = 1000  # items generated and written per chunk (bounded memory at 1M items)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    text_batch_size: int = 256  # sentences per MiniLM forward pass
+    epochs: int = 15  # media-tower training epochs (InfoNCE)
+    batch_size: int = 256  # items per contrastive batch (negatives = the rest of the batch)
+    lr: float = 2.0e-3  # AdamW learning rate of the media towers
+    weight_decay: float = 1.0e-4
+    temperature: float = 0.05  # initial InfoNCE temperature (learned, clamped to ≥ 0.01)
+    width: int = 32  # base channel width of the media CNNs
+    n_mels: int = 64  # audio log-mel bands
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseConfig = field(default_factory=BaseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    source: str = "<defaults>"  # where these were loaded from (for error messages)
+
+    @property
+    def smoke(self) -> bool:
+        return self.base.scale is Scale.SMOKE
+
+
+SECTIONS: dict[str, type] = {
+    "base": BaseConfig,
+    "data": DataConfig,
+    "features": FeaturesConfig,
+}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate `params.yaml`; apply the `smoke:` overrides when `base.scale` is smoke."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return params_from_dict(raw, source=str(path))
+
+
+def params_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Params:
+    raw = dict(raw)
+    smoke_overrides = raw.pop("smoke", {}) or {}
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(SECTIONS)} and 'smoke'")
+    if not isinstance(smoke_overrides, dict):
+        raise ConfigError(f"{source}: 'smoke' must be a mapping of section overrides")
+    bad = set(smoke_overrides) - set(SECTIONS)
+    if bad:
+        raise ConfigError(f"{source}: unknown section(s) under 'smoke': {sorted(bad)}")
+    sections = {name: _section(cls, raw.get(name) or {}, f"{source}: {name}") for name, cls in SECTIONS.items()}
+    for name, over in smoke_overrides.items():  # validate overrides even when unused
+        _section(SECTIONS[name], {**(raw.get(name) or {}), **(over or {})}, f"{source}: smoke.{name}")
+    if sections["base"].scale is Scale.SMOKE:
+        sections = {
+            name: _section(cls, {**(raw.get(name) or {}), **(smoke_overrides.get(name) or {})}, f"{source}: {name}")
+            for name, cls in SECTIONS.items()
+        }
+    return Params(**sections, source=source)
+
+
+def _section(cls: type, values: Any, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    obj = cls(**kwargs)
+    _check(obj, where)
+    return obj
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not one of {[m.value for m in hint]}") from None
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner, *_rest) = typing.get_args(hint)
+        return tuple(_coerce(v, inner, where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _check(obj: Any, where: str) -> None:
+    """Range checks that need more than a type."""
+    if isinstance(obj, BaseConfig):
+        bad = [t for t in obj.tasks if t not in TASKS]
+        if bad or not obj.tasks:
+            raise ConfigError(f"{where}.tasks: unknown task(s) {bad or '(empty)'}; expected a subset of {list(TASKS)}")
+        if obj.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{where}.device: {obj.device!r} is not one of ['auto', 'cpu', 'cuda']")
+    if isinstance(obj, DataConfig):
+        for name in ("n_train", "n_test", "n_captions", "chunk_size"):
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(obj, name)}")
+        if obj.n_pseudo < 0:
+            raise ConfigError(f"{where}.n_pseudo: must be ≥ 0, got {obj.n_pseudo}")
+        if not 0.0 <= obj.captioner_error_rate <= 1.0:
+            raise ConfigError(f"{where}.captioner_error_rate: must lie in [0, 1], got {obj.captioner_error_rate}")
+    if isinstance(obj, FeaturesConfig):
+        for name in ("epochs", "batch_size", "text_batch_size", "width", "n_mels"):
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(obj, name)}")
+        if obj.temperature <= 0:
+            raise ConfigError(f"{where}.temperature: must be > 0, got {obj.temperature}")
+
+
+def check_task(task: str, params: Params | None = None) -> str:
+    """Raise a clear error for an unknown task (before any expensive work)."""
+    allowed = params.base.tasks if params is not None else TASKS
+    if task not in allowed:
+        raise ConfigError(f"unknown task {task!r}; expected one of {list(allowed)}")
+    return task
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("base.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return device

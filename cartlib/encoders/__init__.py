@@ -1,0 +1,1 @@
+"""Encoders: the bundled pretrained text encoder and the small media towers of the built-in benchmark."""

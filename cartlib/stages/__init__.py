@@ -1,0 +1,1 @@
+"""One module per pipeline stage: `run(...)` does the stage's work and returns what the notebook shows."""

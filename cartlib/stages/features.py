@@ -1,0 +1,91 @@
+"""Stage `features`: frozen MiniLM text vectors, a media tower trained into that space, and the
+dual-tower baseline (test queries against the test gallery)."""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cartlib import baselines, io, metrics as M, viz
+from cartlib.config import Params, check_task, resolve_device
+from cartlib.data import schema
+from cartlib.data.features import Features, save_features
+from cartlib.encoders import contrastive, media as media_towers, text as text_enc
+from cartlib.paths import TaskPaths
+from cartlib.results import publish
+
+
+class FeaturesStageResult(NamedTuple):
+    features: Features
+    history: pd.DataFrame  # per-epoch training curve
+    metrics: dict  # dual-tower baseline metrics (+ timings)
+    run: pd.DataFrame  # run.tsv rows
+    figure: object  # training curve
+    mlflow_run_id: str | None
+
+
+def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> FeaturesStageResult:
+    check_task(paths.task, params)
+    cfg, seed = params.features, params.base.seed
+    device = resolve_device(params.base.device)
+    dataset = schema.load_dataset(paths.dataset)  # validates before the expensive part
+    qrels = schema.load_qrels(paths.qrels, dataset)
+    if dataset.media is None:
+        raise schema.DataFormatError(f"{paths.dataset}: no media.npy; media towers need rendered media")
+    torch.manual_seed(seed)
+    timings = {}
+
+    # 1. frozen text vectors for every reference caption
+    t0 = time.perf_counter()
+    tokenizer, text_model = text_enc.load_text_encoder()
+    refs = dataset.captions[dataset.captions["kind"] == "reference"]
+    cap_vecs = text_enc.encode_sentences(refs["text"].tolist(), tokenizer=tokenizer, model=text_model,
+                                         batch_size=cfg.text_batch_size, device=device, progress=progress)
+    timings["text_seconds"] = time.perf_counter() - t0
+
+    # 2. train the media tower on the train split: (N_train, C, D) caption vectors per item
+    t0 = time.perf_counter()
+    train_items = dataset.split_items("train")
+    row_of_caption = pd.Series(np.arange(len(refs)), index=refs["caption_id"].to_numpy())
+    per_item = refs.groupby("item_id", sort=False)["caption_id"].apply(list)
+    n_caps = min(len(per_item[i]) for i in train_items["item_id"])
+    text_train = np.stack([cap_vecs[row_of_caption[per_item[i][:n_caps]].to_numpy()] for i in train_items["item_id"]])
+    media_train = np.asarray(dataset.media[train_items["media_index"].to_numpy()])
+    tower = media_towers.build_tower(paths.task, out_dim=cap_vecs.shape[1], width=cfg.width,
+                                     n_mels=cfg.n_mels, media_shape=tuple(dataset.media.shape[1:]))
+    trained = contrastive.train_tower(tower, media=media_train, text=text_train, epochs=cfg.epochs,
+                                      batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      temperature=cfg.temperature, seed=seed, device=device, progress=progress)
+    io.torch_save({"task": paths.task, "state_dict": trained.model.state_dict(), "history": trained.history,
+                   "config": cfg.__dict__}, paths.models / "encoder.pt")
+    timings["train_seconds"] = time.perf_counter() - t0
+
+    # 3. item features for the whole gallery (test + train), saved for the later stages
+    t0 = time.perf_counter()
+    item_vecs = contrastive.embed_media(trained.model, dataset.media, device=device, progress=progress)
+    item_vecs = item_vecs[dataset.items["media_index"].to_numpy()]  # media rows → items.tsv rows
+    feats_meta = {"text_model": "all-MiniLM-L6-v2 (frozen, mean-pooled)", "media_encoder": type(trained.model).__name__,
+                  "dataset_sha256": dataset.manifest["sha256"]}
+    save_features(paths.features, items=item_vecs, caption_ids=refs["caption_id"].to_numpy(), captions=cap_vecs,
+                  meta=feats_meta)
+    timings["embed_seconds"] = time.perf_counter() - t0
+
+    # 4. dual-tower baseline on the test gallery
+    test_items = dataset.split_items("test")
+    test_rows = test_items.index.to_numpy()
+    q_rows = row_of_caption[qrels["query_id"]].to_numpy()
+    top = baselines.exact_topk(cap_vecs[q_rows], item_vecs[test_rows], k=10, device=device)
+    ranked_ids = test_items["item_id"].to_numpy()[top.indices]
+    result = M.retrieval_metrics(ranked_ids, qrels["item_id"].to_numpy(), n_candidates=len(test_items))
+    run_frame = M.run_table(qrels["query_id"].to_numpy(), ranked_ids, top.scores)
+    result.update({k: round(v, 2) for k, v in timings.items()})
+    features = Features(dataset.items["item_id"].to_numpy(), item_vecs, refs["caption_id"].to_numpy(), cap_vecs, feats_meta)
+    history = pd.DataFrame(trained.history)
+    curve = viz.training_curve(history, title=f"{paths.task}: media tower InfoNCE loss (train split)")
+    run_id = publish(paths, "features", params=params, metrics=result, run=run_frame,
+                     tables={"history": history}, figures={"training_curve": curve})
+    return FeaturesStageResult(features, history, result, run_frame, curve, run_id)
+

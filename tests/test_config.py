@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+
+from cartlib.config import ConfigError, Scale, check_task, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.base.scale is Scale.DEFAULT
+    assert params.data.n_test == 1000 and params.data.n_train == 5000
+    assert set(params.base.tasks) == {"image", "audio", "video"}
+
+
+def test_smoke_scale_applies_overrides():
+    raw = {"base": {"scale": "smoke"}, "data": {"n_train": 5000}, "smoke": {"data": {"n_train": 200}}}
+    assert params_from_dict(raw).data.n_train == 200
+    raw["base"]["scale"] = "default"
+    assert params_from_dict(raw).data.n_train == 5000
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"data": {"n_trian": 5}}, "n_trian"),
+    ({"bogus": {}}, "bogus"),
+    ({"data": {"n_train": "many"}}, "data.n_train"),
+    ({"data": {"captioner_error_rate": 1.5}}, "captioner_error_rate"),
+    ({"base": {"tasks": ["image", "smell"]}}, "smell"),
+    ({"base": {"scale": "huge"}}, "huge"),
+    ({"smoke": {"data": {"n_tset": 1}}}, "n_tset"),
+])
+def test_bad_params_name_the_key(raw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        params_from_dict(raw, source="params.yaml")
+
+
+def test_unknown_task_is_named():
+    with pytest.raises(ConfigError, match="'smell'"):
+        check_task("smell")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")

@@ -1,0 +1,90 @@
+"""Integration: the DVC pipeline at smoke scale, in a temporary copy of the repository."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from cartlib.metrics import metrics_from_run
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+METRIC_KEYS = {"recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10", "n_queries", "n_candidates"}
+
+
+def _env():
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _run(cmd, cwd, check=True):
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, check=check, timeout=1200)
+
+
+def copy_repo(dest: Path, *, scale: str = "smoke") -> Path:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("results/", "dvc.lock")):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["base"]["scale"] = scale
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], dest)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "smoke"], dest, check=False)
+    _run(["git", "add", "-A"], dest)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "smoke"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    proc = _run([str(BIN / "dvc"), "repro"], repo, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return repo
+
+
+@pytest.mark.slow
+def test_pipeline_outputs_follow_the_contract(smoke_repo):
+    for task in ("image", "audio", "video"):
+        out = smoke_repo / "results" / "features" / task
+        m = json.loads((out / "metrics.json").read_text())
+        assert METRIC_KEYS <= set(m)
+        assert 0.0 <= m["recall_at_1"] <= m["recall_at_5"] <= m["recall_at_10"] <= 1.0
+        run = pd.read_csv(out / "run.tsv", sep="\t", dtype={"query_id": str, "item_id": str})
+        assert list(run.columns) == ["query_id", "rank", "item_id", "score"]
+        qrels = pd.read_csv(smoke_repo / "data" / task / "qrels.tsv", sep="\t", dtype=str)
+        assert list(qrels.columns) == ["query_id", "item_id"]
+        recomputed = metrics_from_run(run, qrels, n_candidates=m["n_candidates"])
+        for key in ("recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10", "n_queries"):
+            assert recomputed[key] == pytest.approx(m[key], abs=1e-9), key
+        assert (out / "02_features.ipynb").exists() and (out / "training_curve.png").exists()
+        assert (smoke_repo / "results" / "data" / task / "samples.png").exists()
+    assert (smoke_repo / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_is_up_to_date_after_repro(smoke_repo):
+    proc = _run([str(BIN / "dvc"), "status"], smoke_repo)
+    assert "up to date" in proc.stdout, proc.stdout
+
+
+def test_cli_rejects_unknown_param_key_before_work(tmp_path):
+    (tmp_path / "params.yaml").write_text("base:\n  seed: 0\ndata:\n  n_trian: 3\n")
+    proc = _run([str(BIN / "cart-stage"), "data", "--task", "image", "--root", str(tmp_path)], tmp_path, check=False)
+    assert proc.returncode == 2 and "n_trian" in proc.stderr
+
+
+def test_cli_rejects_unknown_task(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    proc = _run([str(BIN / "cart-stage"), "data", "--task", "smell", "--root", str(tmp_path)], tmp_path, check=False)
+    assert proc.returncode == 2 and "'smell'" in proc.stderr
