@@ -16,6 +16,7 @@ from pathlib import Path
 STAGES = {
     "data": "01_data.ipynb",
     "features": "02_features.ipynb",
+    "identifiers": "03_identifiers.ipynb",
 }
 
 

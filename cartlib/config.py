@@ -46,6 +46,8 @@ class DataConfig:
     n_pseudo: int = 2  # pseudo-captions per item from the imperfect captioner (caption enhancement)
     captioner_error_rate: float = 0.3  # chance that the captioner drops or confuses an attribute
     chunk_size: int = 1000  # items generated and written per chunk (bounded memory at 1M items)
+    on_missing: str = "fail"  # real datasets: fail on a missing/unreadable media file, or skip and list it
+    max_items: int = 0  # real datasets: keep at most this many items (0 = all), for a quick look
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,26 @@ class FeaturesConfig:
     temperature: float = 0.05  # initial InfoNCE temperature (learned, clamped to ≥ 0.01)
     width: int = 32  # base channel width of the media CNNs
     n_mels: int = 64  # audio log-mel bands
+    encoder: str = "towers"  # towers (built-in benchmark) | clip | clap (local weights) | precomputed
+    model_path: str = ""  # clip/clap: local HF model folder; precomputed: folder with items/captions tables
+
+
+SCHEMES = ("cart", "atomic", "hierarchical_kmeans", "rqvae_only", "kmeans_unique", "random")
+
+
+@dataclass(frozen=True)
+class IdentifiersConfig:
+    scheme: str = "cart"  # the scheme CART trains on (others are built for the comparison table)
+    compare: tuple[str, ...] = SCHEMES  # schemes built and health-checked side by side
+    n_clusters: int = 64  # K of the coarse K-Means token (paper: UNKNOWN; sized to the gallery)
+    n_levels: int = 2  # M fine RQ-VAE levels (TIGER uses 3; 2 suffice below ~10K items)
+    codebook_size: int = 64  # codes per RQ-VAE level
+    latent_dim: int = 32  # RQ-VAE latent width
+    hidden_dim: int = 128  # RQ-VAE MLP width
+    epochs: int = 20  # RQ-VAE training epochs
+    lr: float = 0.002
+    beta: float = 0.25  # commitment weight (standard VQ-VAE value)
+    batch_size: int = 256
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,7 @@ class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    identifiers: IdentifiersConfig = field(default_factory=IdentifiersConfig)
     source: str = "<defaults>"  # where these were loaded from (for error messages)
 
     @property
@@ -76,6 +99,7 @@ SECTIONS: dict[str, type] = {
     "base": BaseConfig,
     "data": DataConfig,
     "features": FeaturesConfig,
+    "identifiers": IdentifiersConfig,
 }
 
 
@@ -174,6 +198,10 @@ def _check(obj: Any, where: str) -> None:
                 raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(obj, name)}")
         if obj.n_pseudo < 0:
             raise ConfigError(f"{where}.n_pseudo: must be ≥ 0, got {obj.n_pseudo}")
+        if obj.on_missing not in ("fail", "skip"):
+            raise ConfigError(f"{where}.on_missing: {obj.on_missing!r} is not one of ['fail', 'skip']")
+        if obj.max_items < 0:
+            raise ConfigError(f"{where}.max_items: must be ≥ 0 (0 = all), got {obj.max_items}")
         if not 0.0 <= obj.captioner_error_rate <= 1.0:
             raise ConfigError(f"{where}.captioner_error_rate: must lie in [0, 1], got {obj.captioner_error_rate}")
     if isinstance(obj, FeaturesConfig):
@@ -182,6 +210,19 @@ def _check(obj: Any, where: str) -> None:
                 raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(obj, name)}")
         if obj.temperature <= 0:
             raise ConfigError(f"{where}.temperature: must be > 0, got {obj.temperature}")
+        if obj.encoder not in ("towers", "clip", "clap", "precomputed"):
+            raise ConfigError(f"{where}.encoder: {obj.encoder!r} is not one of ['towers', 'clip', 'clap', 'precomputed']")
+        if obj.encoder != "towers" and not obj.model_path:
+            raise ConfigError(f"{where}.model_path: required when features.encoder={obj.encoder!r}")
+    if isinstance(obj, IdentifiersConfig):
+        bad = [x for x in (obj.scheme, *obj.compare) if x not in SCHEMES]
+        if bad:
+            raise ConfigError(f"{where}: unknown scheme(s) {bad}; expected one of {list(SCHEMES)}")
+        for name in ("n_clusters", "n_levels", "latent_dim", "hidden_dim", "epochs", "batch_size"):
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(obj, name)}")
+        if obj.codebook_size < 2:
+            raise ConfigError(f"{where}.codebook_size: must be ≥ 2, got {obj.codebook_size}")
 
 
 def check_task(task: str, params: Params | None = None) -> str:

@@ -46,6 +46,16 @@ def media_samples(task: str, media: np.ndarray, captions: list[str], pseudo: lis
     return fig
 
 
+def caption_samples(names: list[str], captions: list[str], pseudo: list[str], *, title: str):
+    """Text-only panel for datasets whose media stay in files: name, reference and pseudo-caption."""
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.9 * len(names)))
+    ax.axis("off")
+    lines = [f"{n}\n   ref: {_wrap(c, 90)}\n   pseudo: {p}" for n, c, p in zip(names, captions, pseudo)]
+    ax.text(0, 1, "\n\n".join(lines), va="top", fontsize=8, family="monospace")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
 def training_curve(history: pd.DataFrame, *, title: str, metric: str = "loss"):
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(history["epoch"], history[metric], marker="o")
@@ -53,5 +63,43 @@ def training_curve(history: pd.DataFrame, *, title: str, metric: str = "loss"):
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def code_usage(usage: pd.DataFrame, *, title: str):
+    """Bar chart of the fraction of codes used per level, one group per scheme.
+
+    usage: columns scheme, level, code_usage.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    schemes = list(dict.fromkeys(usage["scheme"]))
+    levels = sorted(usage["level"].unique())
+    width = 0.8 / max(len(levels), 1)
+    for j, level in enumerate(levels):
+        sub = usage[usage["level"] == level].set_index("scheme").reindex(schemes)
+        ax.bar(np.arange(len(schemes)) + j * width, sub["code_usage"], width, label=f"level {level}")
+    ax.set_xticks(np.arange(len(schemes)) + width * (len(levels) - 1) / 2, schemes, rotation=20, fontsize=8)
+    ax.set_ylabel("fraction of codes used")
+    ax.set_ylim(0, 1.05)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def cluster_sizes(codes: np.ndarray, *, title: str):
+    """Histogram of items per coarse token (level 0) and per full prefix before the unique token."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    _, per_k = np.unique(codes[:, 0], return_counts=True)
+    _, per_prefix = np.unique(codes[:, :-1], axis=0, return_counts=True)
+    axes[0].hist(per_k, bins=30)
+    axes[0].set_xlabel("items per coarse token k")
+    axes[1].hist(per_prefix, bins=np.arange(1, per_prefix.max() + 2) - 0.5)
+    axes[1].set_xlabel("items per prefix (before u)")
+    for ax in axes:
+        ax.set_ylabel("count")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

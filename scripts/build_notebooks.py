@@ -54,6 +54,27 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
     ("md", "## The first ranked lists (`run.tsv`)"),
     ("code", "result.run.head(12)"),
     ],
+    "03_identifiers.ipynb": [
+        ("md", "# Stage `identifiers`: coarse → fine → unique\n\n"
+               "CART's identifier is `(k, v_1..v_M, u)`: `k` the K-Means cluster of the item's feature, "
+               "`v_1..v_M` a residual RQ-VAE's codes of `x − centroid_k`, `u` a counter that makes colliding "
+               "identifiers unique. The competing schemes (atomic / GRACE, hierarchical K-Means / DSI, "
+               "RQ-VAE only / TIGER, K-Means + unique token, random codes) are built by the same code, and "
+               "each one's health is measured: code usage and perplexity per level, collisions, the unique "
+               "token's tail. RQ-VAE codebook collapse would show as low usage and perplexity."),
+        ("params", PARAMS),
+        ("code", SETUP),
+        ("code", "from cartlib.stages import identifiers as identifiers_stage\n\n"
+                 "result = identifiers_stage.run(params, paths)"),
+        ("md", "## Health of every scheme"),
+        ("code", "result.health.set_index('scheme').T"),
+        ("md", "## Codebook usage per level"),
+        ("code", "result.figures['code_usage']"),
+        ("md", "## Cluster and prefix sizes of the default scheme"),
+        ("code", "result.figures['cluster_sizes']"),
+        ("md", "## The first identifiers (level-local codes; the last column is `u`)"),
+        ("code", "pd.DataFrame(result.codes[params.identifiers.scheme][:8])"),
+    ],
 }
 
 

@@ -10,7 +10,7 @@ Attribute spaces (one "part" = an object or a sound event; see `PART_FIELDS`):
   About 1.2·10⁷ combinations.
 - video: 1–2 objects, each (shape, colour, size, motion, speed), plus a background; objects in one
   clip differ in (shape, colour), and circles and rings never spin (no pixel would change).
-  About 1.0·10⁷ combinations.
+  About 9·10⁶ combinations.
 `n_combinations(task)` counts them exactly. Attribute combinations are unique over the whole
 generated set (all splits): an item whose key was already seen is redrawn. With probability
 `NEAR_DUPLICATE_RATE` an item starts from the previous item and changes one attribute, so the set
@@ -27,7 +27,8 @@ Reference captions (the queries) come from a small grammar:
 Every word slot draws one of several synonyms from `SYNONYMS[table][value]` ("red" / "crimson" /
 "scarlet"). Attributes named in `OPTIONAL_ATTRIBUTES` are left out with probability
 `CAPTION_DROP_RATE` each (size, loudness, background, ...); object identities (shape and colour,
-event kind and pitch) and image positions / video motions are always said. Image and video parts
+event kind and pitch), image positions (in "X above Y" the second one relative to the first) and
+video motions are always said. Image and video parts
 are reordered with probability `SHUFFLE_RATE`; audio keeps time order, but some templates say it
 backwards ("a buzz, preceded by a beep"). `TEMPLATES[task]` holds the templates ("there is ...",
 "a picture of ...", "X above Y", passive "... is drawn in ...", "you can hear ...",
@@ -39,9 +40,11 @@ synonym of every table: "a small red circle in the top left on a dark background
 mention is, with probability `captioner_error_rate`, dropped (share `PSEUDO_DROP_SHARE`) or
 confused with another value of the same attribute; `PseudoCaption` counts both.
 
-Determinism: item i draws everything from `np.random.default_rng([seed, task index, i])` (plus the
-set of keys seen before it), so the bytes do not depend on `chunk_size`; rendering is elementwise
-per item (no batch-dependent reductions).
+Determinism: item i draws everything from `np.random.default_rng([seed, task index, i])`, given the
+previous item and the set of keys seen before it (both independent of chunking), in the order
+attributes → media nuisance → pseudo-captions → captions (so a grammar change never changes the
+media); rendering is elementwise per item (no batch-dependent reductions), so the bytes do not
+depend on `chunk_size`.
 """
 from __future__ import annotations
 
@@ -395,17 +398,21 @@ for _task in TASKS:
 
 # ---- reference captions -------------------------------------------------------------------
 class _Writer:
-    """Draws decisions from an rng in blocks (few rng calls) and records the rules a caption uses."""
-    _BLOCK = 64
+    """Draws decisions from an rng in blocks (few rng calls) and records the rules a caption uses.
+
+    This runs ~100 times per item, so the hot methods avoid helper calls and string formatting.
+    """
+    _BLOCK = 128
 
     def __init__(self, rng: np.random.Generator, task: str):
         self._rng, self.task = rng, task
+        self._optional = OPTIONAL_ATTRIBUTES[task]
         self._u: list[float] = []
         self.rules: list[str] = []
 
     def u(self) -> float:
         if not self._u:
-            self._u = self._rng.random(self._BLOCK).tolist()[::-1]
+            self._u = self._rng.random(self._BLOCK).tolist()
         return self._u.pop()
 
     def index(self, n: int) -> int:
@@ -416,19 +423,23 @@ class _Writer:
 
     def syn(self, table: str, value: str) -> str:
         options = SYNONYMS[table][value]
-        i = self.index(len(options))
-        self.rules.append(f"syn:{table}:{value}:{i}")
+        i = int(self.u() * len(options))
+        self.rules.append(_SYN_RULES[table][value][i])
         return options[i]
 
     def form(self, name: str) -> None:
-        self.rules.append(f"form:{name}")
+        self.rules.append("form:" + name)
 
     def keep(self, field: str) -> bool:
         """False (and recorded) when an optional attribute mention is left out."""
-        if field in OPTIONAL_ATTRIBUTES[self.task] and self.chance(CAPTION_DROP_RATE):
-            self.form(f"omit-{field}")
+        if field in self._optional and self.u() < CAPTION_DROP_RATE:
+            self.rules.append("form:omit-" + field)
             return False
         return True
+
+
+_SYN_RULES = {table: {value: tuple(f"syn:{table}:{value}:{i}" for i in range(len(options)))
+                      for value, options in values.items()} for table, values in SYNONYMS.items()}
 
 
 def _template(task: str, name: str, *, min_parts: int = 1, max_parts: int = 99):
@@ -754,16 +765,23 @@ _SCENE_NUISANCE = 6  # uniforms per item: background parameters, layout, noise o
 
 
 @functools.cache
-def _noise_bank() -> np.ndarray:
-    """A fixed table of Gaussian noise; items read it at random offsets (cheaper than fresh draws)."""
-    return np.random.default_rng(20240607).standard_normal(1 << 20, dtype=np.float32)
+def _noise_bank(width: int = 1) -> np.ndarray:
+    """A fixed table of unit-variance noise, moving-averaged over `width` samples (low-passed).
+
+    Items read it at random offsets: much cheaper than fresh draws or per-item filtering.
+    """
+    white = np.random.default_rng(20240607).standard_normal(1 << 20).astype(np.float32)
+    if width == 1:
+        return white
+    c = np.concatenate([[0.0], np.cumsum(white, dtype=np.float64)])
+    return ((c[width:] - c[:-width]) / math.sqrt(width)).astype(np.float32)
 
 
-def _bank_slices(u: np.ndarray, length: int) -> np.ndarray:
+def _bank_slices(u: np.ndarray, length: int, width: int = 1) -> np.ndarray:
     """(len(u), length) noise rows starting at offsets chosen by the uniforms `u`."""
-    bank = _noise_bank()
-    start = (u * (bank.size - length)).astype(np.int64)
-    return bank[start[:, None] + np.arange(length)]
+    bank = _noise_bank(width)
+    starts = (np.asarray(u, dtype=np.float64) * (bank.size - length)).astype(np.int64)
+    return np.stack([bank[i:i + length] for i in starts]) if len(starts) else np.zeros((0, length), np.float32)
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -794,16 +812,42 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def _paint(canvas: np.ndarray, rows: np.ndarray, shape: str, cx: np.ndarray, cy: np.ndarray, r: np.ndarray,
            angle: np.ndarray, rgb: np.ndarray) -> None:
-    """Paint one shape into canvas[rows] (k, [T,] H, W, 3); cx… are (k,) or (k, T); +angle = clockwise."""
-    grid = np.arange(canvas.shape[-2], dtype=np.float32) + 0.5
-    dx = (grid - cx[..., None]) / r[..., None]  # (k, [T,] W)
-    dy = (grid - cy[..., None]) / r[..., None]  # (k, [T,] H)
+    """Paint one shape into canvas[rows] (k, [T,] S, S, 3); cx… are (k,) or (k, T); +angle = clockwise.
+
+    Only a square window around each object is tested (shapes fit in 1.1 radii), which is what
+    keeps the renderer fast; objects are bucketed by window size so small ones test few pixels.
+    Rows must be distinct so that the windows of one call never collide.
+    """
+    size = canvas.shape[-2]
+    cx, cy, r, angle = (np.asarray(a, dtype=np.float32) for a in (cx, cy, r, angle))
+    r_max = r.reshape(len(rows), -1).max(axis=1)
+    boxes = np.minimum(size, 4 * np.ceil((2.2 * r_max + 2) / 4)).astype(np.int64)  # multiples of 4
+    for box in np.unique(boxes):
+        sel = np.flatnonzero(boxes == box)
+        _paint_windows(canvas, rows[sel], shape, cx[sel], cy[sel], r[sel], angle[sel], rgb[sel], int(box))
+
+
+def _paint_windows(canvas: np.ndarray, rows: np.ndarray, shape: str, cx: np.ndarray, cy: np.ndarray,
+                   r: np.ndarray, angle: np.ndarray, rgb: np.ndarray, box: int) -> None:
+    size = canvas.shape[-2]
+    steps = np.arange(box)
+    x0 = np.clip(np.floor(cx - box / 2), 0, size - box).astype(np.int64)
+    y0 = np.clip(np.floor(cy - box / 2), 0, size - box).astype(np.int64)
+    dx = ((x0[..., None] + steps).astype(np.float32) + 0.5 - cx[..., None]) / r[..., None]  # (k, [T,] box)
+    dy = ((y0[..., None] + steps).astype(np.float32) + 0.5 - cy[..., None]) / r[..., None]
     cos, sin = np.cos(angle)[..., None, None], np.sin(angle)[..., None, None]
     u = dx[..., None, :] * cos + dy[..., :, None] * sin
     v = dy[..., :, None] * cos - dx[..., None, :] * sin
-    mask = _shape_mask(shape, u, v)[..., None]
+    mask = _shape_mask(shape, u, v)[..., None]  # (k, [T,] box, box, 1)
+    # one flat pixel index per window pixel: a single-array gather/scatter is far cheaper than
+    # broadcasting four index arrays
+    frames = canvas.shape[1] if cx.ndim == 2 else 1
+    image = rows.reshape(-1, *[1] * (cx.ndim - 1)) * frames + (np.arange(frames) if cx.ndim == 2 else 0)
+    corner = (image * size + y0) * size + x0  # (k, [T])
+    pixel = corner[..., None, None] + (steps[:, None] * size + steps)  # (k, [T,] box, box)
+    flat = canvas.reshape(-1, 3)
     colour = rgb.reshape(len(rows), *([1] * (mask.ndim - 2)), 3)
-    canvas[rows] = np.where(mask, colour, canvas[rows])
+    flat[pixel] = np.where(mask, colour, flat[pixel])
 
 
 def _backgrounds(scene: np.ndarray, su: np.ndarray, size: int) -> np.ndarray:
@@ -922,39 +966,44 @@ def _rhythm_templates(seg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             env[r] = np.maximum(env[r], np.clip(np.minimum(i - a, b - i) / ramp, 0, 1) * inside)
             tau[r] = np.where(inside, (i - a) / (b - a), tau[r])
             dur[r] = (b - a) / SAMPLE_RATE
-    return env.astype(np.float32), tau.astype(np.float32), dur
+    return env.astype(np.float32), tau.astype(np.float32), dur.astype(np.float32)
 
 
-def _moving_average(x: np.ndarray, width: np.ndarray) -> np.ndarray:
-    """Per-row causal moving average of x (k, L) over `width` (k,) samples, rescaled to unit variance."""
-    c = np.concatenate([np.zeros((len(x), 1)), np.cumsum(x, axis=1, dtype=np.float64)], axis=1)
-    lo = np.maximum(np.arange(1, x.shape[1] + 1)[None] - width[:, None], 0)
-    return ((c[:, 1:] - np.take_along_axis(c, lo, axis=1)) / np.sqrt(width)[:, None]).astype(np.float32)
+def _noise_width(pitch: str) -> int:
+    """Moving-average width whose pass band (~±f/4 after the carrier) suits a noise burst at `pitch`."""
+    return max(1, round(2 * SAMPLE_RATE / PITCHES_HZ[pitch]))
 
 
 def _event_waves(kind: str, f: np.ndarray, phase: np.ndarray, t: np.ndarray, tau: np.ndarray, dur: np.ndarray,
-                 noise: np.ndarray) -> np.ndarray:
-    """Unit-amplitude waveforms (k, seg) of one event kind; f, phase, dur (k,); t (seg,); tau (k, seg)."""
+                 noise: np.ndarray | None) -> np.ndarray:
+    """Unit-amplitude float32 waveforms (k, seg) of one event kind; f, phase, dur (k,); t (seg,); tau (k, seg)."""
     f2, ph = f[:, None], phase[:, None]
+    two_pi = np.float32(2 * np.pi)
     if kind == "tone":
-        return np.sin(2 * np.pi * f2 * t + ph)
+        return np.sin(two_pi * f2 * t + ph)
     if kind in ("chirp-up", "chirp-down"):  # one octave each way around f within every pulse
-        c = 1.0 if kind == "chirp-up" else -1.0
-        return np.sin(2 * np.pi * f2 * dur[:, None] * (2.0 ** (c * (2 * tau - 1)) - 2.0 ** -c) / (2 * c * np.log(2)) + ph)
-    if kind == "noise-burst":  # noise shifted to a band around f (low-passed noise × carrier)
-        width = np.maximum(1, np.round(2 * SAMPLE_RATE / f)).astype(np.int64)
-        return np.clip(_moving_average(noise, width) * np.sqrt(2) * 0.8, -2.5, 2.5) * np.sin(2 * np.pi * f2 * t + ph)
-    if kind == "click-train":  # 25 clicks/s, each a decaying sinusoid at f
-        tc = t % 0.04
-        return np.sin(2 * np.pi * f2 * tc) * np.exp(-tc * f2 / 2.5)
+        c = np.float32(1.0 if kind == "chirp-up" else -1.0)
+        scale = two_pi * f2 * dur[:, None] / np.float32(2 * c * np.log(2))
+        return np.sin(scale * (np.exp2(c * (2 * tau - 1)) - np.exp2(-c)) + ph)
+    if kind == "noise-burst":  # low-passed noise × carrier = a noise band around f
+        return np.clip(noise * np.float32(1.1), -2.5, 2.5) * np.sin(two_pi * f2 * t + ph)
+    if kind == "click-train":  # 25 clicks/s, each a decaying sinusoid at f (gain: about as loud as a tone)
+        tc = t % np.float32(0.04)
+        return np.float32(1.6) * np.sin(two_pi * f2 * tc) * np.exp(-tc * f2 / np.float32(5.0))
     if kind == "buzz":
-        return 0.6 * np.sign(np.sin(2 * np.pi * f2 * t + ph))
+        return np.float32(0.6) * np.sign(np.sin(two_pi * f2 * t + ph))
     if kind == "warble":  # ±8 % vibrato at 9 Hz
-        return np.sin(2 * np.pi * f2 * t - (0.08 * f2 / 9) * np.cos(2 * np.pi * 9 * t) + ph)
+        return np.sin(two_pi * f2 * t - (np.float32(0.08 / 9) * f2) * np.cos(two_pi * 9 * t) + ph)
     if kind == "siren":  # alternates f and 4/3 f twelve times a second
-        inst = f2 * (1 + (np.floor(t * 12) % 2) / 3)
-        return np.sin(2 * np.pi * np.cumsum(inst, axis=1) / SAMPLE_RATE + ph)
+        return np.sin(two_pi * f2 * (t + np.float32(1 / 3) * _square_integral(t)) + ph)
     raise ValueError(f"unknown event kind {kind!r}")
+
+
+def _square_integral(t: np.ndarray) -> np.ndarray:
+    """∫₀ᵗ of a 0/1 square wave with 12 cycles a second (closed form: no cumulative sums)."""
+    half = np.float32(1 / 24)
+    n = np.floor(t / half)
+    return (np.floor(n / 2) * half + np.where(n % 2 == 1, t - n * half, 0)).astype(np.float32)
 
 
 def _render_audio(idx: np.ndarray, n_parts: np.ndarray, scene: np.ndarray, pu: np.ndarray,
@@ -962,28 +1011,31 @@ def _render_audio(idx: np.ndarray, n_parts: np.ndarray, scene: np.ndarray, pu: n
     """idx (m, K, 4) field indices (kind, pitch, loudness, rhythm); events share the second in equal slots."""
     m, L = len(scene), int(SAMPLE_RATE * AUDIO_SECONDS)
     out = np.zeros((m, L), dtype=np.float32)
-    hz = np.asarray(list(PITCHES_HZ.values()))
-    amp = np.asarray(list(LOUDNESS_AMPLITUDE.values()))
+    hz = np.asarray(list(PITCHES_HZ.values()), dtype=np.float32)
+    amp = np.asarray(list(LOUDNESS_AMPLITUDE.values()), dtype=np.float32)
+    pu, su = pu.astype(np.float32), su.astype(np.float32)
     for k in range(1, idx.shape[1] + 1):
         items = np.flatnonzero(n_parts == k)
         if not items.size:
             continue
         seg = L // k
         env_t, tau_t, dur_t = _rhythm_templates(seg)
-        t = np.arange(seg) / SAMPLE_RATE
+        t = np.arange(seg, dtype=np.float32) / np.float32(SAMPLE_RATE)
         for j in range(k):
             p, u = idx[items, j], pu[items, j]
-            f = hz[p[:, 1]] * (0.94 + 0.12 * u[:, 0])
-            a = amp[p[:, 2]] * (0.85 + 0.3 * u[:, 1])
-            wave = np.zeros((len(items), seg), dtype=np.float32)
+            f = hz[p[:, 1]] * (np.float32(0.94) + np.float32(0.12) * u[:, 0])
+            a = amp[p[:, 2]] * (np.float32(0.85) + np.float32(0.3) * u[:, 1])
             for e, kind in enumerate(EVENTS):
-                sub = np.flatnonzero(p[:, 0] == e)
-                if sub.size:
-                    noise = _bank_slices(u[sub, 7], seg) if kind == "noise-burst" else None
-                    wave[sub] = _event_waves(kind, f[sub], 2 * np.pi * u[sub, 2], t, tau_t[p[sub, 3]],
-                                             dur_t[p[sub, 3]], noise)
-            out[items, j * seg:(j + 1) * seg] = (a[:, None] * env_t[p[:, 3]] * wave).astype(np.float32)
-    t = np.arange(L) / SAMPLE_RATE
+                for h, pitch in enumerate(PITCHES_HZ):  # grouped by pitch too: one noise band each
+                    sub = np.flatnonzero((p[:, 0] == e) & (p[:, 1] == h))
+                    if not sub.size:
+                        continue
+                    rhythm = p[sub, 3]
+                    noise = _bank_slices(u[sub, 7], seg, _noise_width(pitch)) if kind == "noise-burst" else None
+                    wave = _event_waves(kind, f[sub], np.float32(2 * np.pi) * u[sub, 2], t, tau_t[rhythm],
+                                        dur_t[rhythm], noise)
+                    out[items[sub], j * seg:(j + 1) * seg] = a[sub, None] * env_t[rhythm] * wave
+    t = np.arange(L, dtype=np.float32) / np.float32(SAMPLE_RATE)
     for b, name in enumerate(AMBIENCES):
         rows = np.flatnonzero(scene == b)
         if not rows.size:
@@ -992,12 +1044,12 @@ def _render_audio(idx: np.ndarray, n_parts: np.ndarray, scene: np.ndarray, pu: n
         if name == "silence":
             bg = 0.003 * _bank_slices(q[:, 4], L)
         elif name == "hum":
-            fh = (95 + 10 * q[:, 0])[:, None]
-            bg = 0.04 * (np.sin(2 * np.pi * fh * t) + 0.5 * np.sin(4 * np.pi * fh * t)) + 0.003 * _bank_slices(q[:, 4], L)
+            phase = np.float32(2 * np.pi) * (95 + 10 * q[:, :1]) * t
+            bg = 0.04 * (np.sin(phase) + 0.5 * np.sin(2 * phase)) + 0.003 * _bank_slices(q[:, 4], L)
         elif name == "hiss":
             bg = 0.03 * _bank_slices(q[:, 4], L)
-        else:  # rumble: low-passed noise
-            bg = 0.07 * _moving_average(_bank_slices(q[:, 4], L), np.full(len(rows), 64))
+        else:  # rumble: noise low-passed below ~100 Hz, under the lowest event pitch
+            bg = 0.05 * _bank_slices(q[:, 4], L, 160)
         out[rows] += bg.astype(np.float32)
     return np.clip(out, -1.0, 1.0).astype(np.float16)
 

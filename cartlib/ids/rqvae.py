@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cartlib.ids.kmeans import check_features, check_positive, fit_kmeans
+from cartlib.ids.kmeans import check_features, check_positive, fit_kmeans, thread_limit
 
 _ENCODE_BATCH = 65_536  # rows per no-grad encoding pass; bounds memory at N = 1M
 
@@ -238,8 +238,8 @@ class RQVAEQuantizer:
         *,
         codebook_sizes: Sequence[int] = (64, 64),
         latent_dim: int = 32,
-        hidden_dim: int = 256,
-        epochs: int = 30,
+        hidden_dim: int = 128,
+        epochs: int = 20,
         lr: float = 2e-3,
         beta: float = 0.25,
         batch_size: int = 256,
@@ -249,6 +249,7 @@ class RQVAEQuantizer:
         max_train_items: int = 100_000,
         warmup_fraction: float = 0.3,
         device: str = "cpu",
+        n_threads: int | None = 1,
         progress: bool = False,
     ) -> None:
         self.codebook_sizes = tuple(check_positive(k, name="codebook_size", minimum=2)
@@ -275,10 +276,15 @@ class RQVAEQuantizer:
         self.ema_decay = ema_decay
         self.dead_code_threshold = dead_code_threshold
         self.device = device
+        self.n_threads = n_threads
         self.progress = progress
 
     def fit(self, features: object) -> "RQVAEQuantizer":
         x_np = check_features(features)
+        with thread_limit(self.n_threads):
+            return self._fit(x_np)
+
+    def _fit(self, x_np: np.ndarray) -> "RQVAEQuantizer":
         t0 = time.perf_counter()
         n, d = x_np.shape
         rng = np.random.default_rng(self.seed)
@@ -358,7 +364,7 @@ class RQVAEQuantizer:
         self._check_fitted(x)
         out = np.empty((x.shape[0], len(self.codebook_sizes)), dtype=np.int64)
         self.model_.eval()
-        with torch.no_grad():
+        with torch.no_grad(), thread_limit(self.n_threads):
             for s in range(0, x.shape[0], _ENCODE_BATCH):
                 z = self.model_.encode(self._standardise(x[s:s + _ENCODE_BATCH]))
                 out[s:s + _ENCODE_BATCH] = self.model_.quantizer(z).codes.cpu().numpy()

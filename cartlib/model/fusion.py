@@ -92,8 +92,11 @@ class CrossAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
 
     def memory(self, e: Tensor) -> KV:
-        """``e (B, T, D_kv)`` -> keys/values ``(B, H, T, Dh)``."""
-        return KV(_split_heads(self.k_proj(e), self.n_heads), _split_heads(self.v_proj(e), self.n_heads))
+        """``e (B, T, D_kv)`` -> keys/values ``(B, H, T, Dh)``, contiguous (read at every step)."""
+        return KV(
+            _split_heads(self.k_proj(e), self.n_heads).contiguous(),
+            _split_heads(self.v_proj(e), self.n_heads).contiguous(),
+        )
 
     def forward(self, y: Tensor, kv: KV, mask: Tensor) -> Tensor:
         """``y (B, Tq, D)``, ``mask (B, 1, 1, T)`` -> ``(B, Tq, D)``."""

@@ -24,7 +24,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> DataStage
     check_task(paths.task, params)
     cfg = params.data
     if cfg.dataset != "synthetic":
-        raise NotImplementedError(f"data.dataset={cfg.dataset!r}: only 'synthetic' is built in so far")
+        return _run_real(params, paths, progress=progress)
     from tqdm.auto import tqdm
 
     from cartlib.data import synthetic
@@ -56,6 +56,37 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> DataStage
         "mean_caption_words": float(caps["text"].str.split().str.len().mean()),
         "seconds": round(seconds, 2),
     }
+    return _finish(params, paths, dataset, metrics)
+
+
+def _run_real(params: Params, paths: TaskPaths, *, progress: bool) -> DataStageResult:
+    """A public dataset from local files (cartlib.data.real), written in the same schema."""
+    from pathlib import Path
+
+    from cartlib.data import real
+
+    cfg = params.data
+    start = time.perf_counter()
+    has_pseudo = (Path(cfg.root) / real.PSEUDO_FILE).is_file()
+    summary = real.build_real_dataset(dataset=cfg.dataset, root=cfg.root, task_folder=paths, task=paths.task,
+                                      on_missing=cfg.on_missing, max_items=cfg.max_items or None,
+                                      n_captions=None, n_pseudo=cfg.n_pseudo if has_pseudo else 0,
+                                      progress=progress)
+    dataset = schema.load_dataset(paths.dataset)
+    schema.load_qrels(paths.qrels, dataset)
+    metrics = {"n_items": summary.n_items, "n_train": summary.n_train, "n_test": summary.n_test,
+               "n_reference_captions": int((dataset.captions["kind"] == "reference").sum()),
+               "n_pseudo_captions": int((dataset.captions["kind"] == "pseudo").sum()),
+               "n_test_queries": int(len(dataset.queries("test"))), "n_missing": summary.n_missing,
+               "n_unreadable": summary.n_unreadable, "n_excluded": summary.n_excluded,
+               "seconds": round(time.perf_counter() - start, 2)}
+    if summary.missing or summary.unreadable:
+        print(f"skipped {summary.n_missing} missing and {summary.n_unreadable} unreadable media files:",
+              *(summary.missing + summary.unreadable)[:20], sep="\n  ")
+    return _finish(params, paths, dataset, metrics)
+
+
+def _finish(params: Params, paths: TaskPaths, dataset: schema.Dataset, metrics: dict) -> DataStageResult:
     figure = sample_figure(dataset)
     run_id = publish(paths, "data", params=params, metrics=metrics, figures={"samples": figure})
     return DataStageResult(dataset, metrics, figure, run_id)
@@ -66,4 +97,6 @@ def sample_figure(dataset: schema.Dataset, *, n: int = 4):
     caps = dataset.captions.set_index("caption_id")["text"]
     refs = [caps[f"{i}-c0"] for i in items["item_id"]]
     pseudo = [caps.get(f"{i}-p0", "(none)") for i in items["item_id"]]
+    if dataset.media is None:  # file-based real dataset: show the captions with the file names
+        return viz.caption_samples(items["media_path"].tolist(), refs, pseudo, title=f"{dataset.task}: sample items")
     return viz.media_samples(dataset.task, np.asarray(dataset.media[items["media_index"].to_numpy()]), refs, pseudo, n=n)

@@ -29,15 +29,41 @@ class FeaturesStageResult(NamedTuple):
 
 def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> FeaturesStageResult:
     check_task(paths.task, params)
-    cfg, seed = params.features, params.base.seed
+    cfg = params.features
     device = resolve_device(params.base.device)
     dataset = schema.load_dataset(paths.dataset)  # validates before the expensive part
     qrels = schema.load_qrels(paths.qrels, dataset)
-    if dataset.media is None:
-        raise schema.DataFormatError(f"{paths.dataset}: no media.npy; media towers need rendered media")
+    if cfg.encoder == "towers":
+        if dataset.media is None:
+            raise schema.DataFormatError(f"{paths.dataset}: no media.npy; the built-in media towers need rendered "
+                                         f"media (for a real dataset set features.encoder to clip, clap or precomputed)")
+        item_vecs, cap_ids, cap_vecs, history, meta, timings = _tower_features(params, paths, dataset, device, progress)
+    else:
+        item_vecs, cap_ids, cap_vecs, history, meta, timings = _pretrained_features(params, paths, dataset, device, progress)
+    save_features(paths.features, items=item_vecs, caption_ids=cap_ids, captions=cap_vecs, meta=meta)
+    row_of_caption = pd.Series(np.arange(len(cap_ids)), index=cap_ids)
+
+    # dual-tower baseline: test queries against the test gallery
+    test_items = dataset.split_items("test")
+    test_rows = test_items.index.to_numpy()
+    q_rows = row_of_caption[qrels["query_id"]].to_numpy()
+    top = baselines.exact_topk(cap_vecs[q_rows], item_vecs[test_rows], k=10, device=device)
+    ranked_ids = test_items["item_id"].to_numpy()[top.indices]
+    result = M.retrieval_metrics(ranked_ids, qrels["item_id"].to_numpy(), n_candidates=len(test_items))
+    run_frame = M.run_table(qrels["query_id"].to_numpy(), ranked_ids, top.scores)
+    result.update({k: round(v, 2) for k, v in timings.items()})
+    features = Features(dataset.items["item_id"].to_numpy(), item_vecs, cap_ids, cap_vecs, meta)
+    curve = viz.training_curve(history, title=f"{paths.task}: media tower InfoNCE loss (train split)")
+    run_id = publish(paths, "features", params=params, metrics=result, run=run_frame,
+                     tables={"history": history}, figures={"training_curve": curve})
+    return FeaturesStageResult(features, history, result, run_frame, curve, run_id)
+
+
+def _tower_features(params: Params, paths: TaskPaths, dataset: schema.Dataset, device: str, progress: bool):
+    """Built-in benchmark: frozen MiniLM caption vectors + a media tower trained into that space."""
+    cfg, seed = params.features, params.base.seed
     torch.manual_seed(seed)
     timings = {}
-
     # 1. frozen text vectors for every reference caption
     t0 = time.perf_counter()
     tokenizer, text_model = text_enc.load_text_encoder()
@@ -63,29 +89,37 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> FeaturesS
                    "config": cfg.__dict__}, paths.models / "encoder.pt")
     timings["train_seconds"] = time.perf_counter() - t0
 
-    # 3. item features for the whole gallery (test + train), saved for the later stages
+    # 3. item features for the whole gallery (test + train)
     t0 = time.perf_counter()
     item_vecs = contrastive.embed_media(trained.model, dataset.media, device=device, progress=progress)
     item_vecs = item_vecs[dataset.items["media_index"].to_numpy()]  # media rows → items.tsv rows
-    feats_meta = {"text_model": "all-MiniLM-L6-v2 (frozen, mean-pooled)", "media_encoder": type(trained.model).__name__,
-                  "dataset_sha256": dataset.manifest["sha256"]}
-    save_features(paths.features, items=item_vecs, caption_ids=refs["caption_id"].to_numpy(), captions=cap_vecs,
-                  meta=feats_meta)
     timings["embed_seconds"] = time.perf_counter() - t0
+    meta = {"text_model": "all-MiniLM-L6-v2 (frozen, mean-pooled)", "media_encoder": type(trained.model).__name__,
+            "dataset_sha256": dataset.manifest["sha256"]}
+    return item_vecs, refs["caption_id"].to_numpy(), cap_vecs, pd.DataFrame(trained.history), meta, timings
 
-    # 4. dual-tower baseline on the test gallery
-    test_items = dataset.split_items("test")
-    test_rows = test_items.index.to_numpy()
-    q_rows = row_of_caption[qrels["query_id"]].to_numpy()
-    top = baselines.exact_topk(cap_vecs[q_rows], item_vecs[test_rows], k=10, device=device)
-    ranked_ids = test_items["item_id"].to_numpy()[top.indices]
-    result = M.retrieval_metrics(ranked_ids, qrels["item_id"].to_numpy(), n_candidates=len(test_items))
-    run_frame = M.run_table(qrels["query_id"].to_numpy(), ranked_ids, top.scores)
-    result.update({k: round(v, 2) for k, v in timings.items()})
-    features = Features(dataset.items["item_id"].to_numpy(), item_vecs, refs["caption_id"].to_numpy(), cap_vecs, feats_meta)
-    history = pd.DataFrame(trained.history)
-    curve = viz.training_curve(history, title=f"{paths.task}: media tower InfoNCE loss (train split)")
-    run_id = publish(paths, "features", params=params, metrics=result, run=run_frame,
-                     tables={"history": history}, figures={"training_curve": curve})
-    return FeaturesStageResult(features, history, result, run_frame, curve, run_id)
 
+def _pretrained_features(params: Params, paths: TaskPaths, dataset: schema.Dataset, device: str, progress: bool):
+    """Real datasets: CLIP/CLAP from local weights, or features the user brings (e.g. ImageBind)."""
+    cfg = params.features
+    t0 = time.perf_counter()
+    if cfg.encoder == "precomputed":
+        from cartlib.data import real
+
+        tmp = paths.features.with_name(".imported")
+        real.import_features(source=cfg.model_path, dataset_folder=paths.dataset, features_folder=tmp)
+        from cartlib.data.features import load_features
+
+        f = load_features(tmp, dataset)
+        item_vecs, cap_ids, cap_vecs, meta = f.items, f.caption_ids, f.captions, f.meta
+    else:
+        from cartlib.encoders import pretrained
+
+        ex = pretrained.extract_features(dataset=dataset, root=params.data.root, kind=cfg.encoder,
+                                         model_path=cfg.model_path, device=device,
+                                         cache_dir=paths.models / "feature_cache", progress=progress)
+        item_vecs, cap_ids, cap_vecs, meta = ex.items, ex.caption_ids, ex.captions, ex.meta
+    # no training here: the "curve" is a single point so the report keeps its shape
+    history = pd.DataFrame([{"epoch": 0, "loss": float("nan"), "temperature": float("nan"), "seconds": 0.0}])
+    io.torch_save({"task": paths.task, "encoder": cfg.encoder, "model_path": cfg.model_path}, paths.models / "encoder.pt")
+    return item_vecs, cap_ids, cap_vecs, history, meta, {"extract_seconds": time.perf_counter() - t0}

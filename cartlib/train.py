@@ -1,0 +1,340 @@
+"""Training loop of the CART model (CART, Fang et al., ACL 2025): CE + R-Drop consistency.
+
+Loss per batch (the paper's objective; the weighting ω is a parameter, UNKNOWN in the paper):
+
+    L = CE + ω · KL_sym,   CE = mean over identifier tokens of −log p(c_l | c_<l, q),
+    KL_sym = ½ [KL(P¹ ‖ P²) + KL(P² ‖ P¹)]  (per token, over the level's codes, then averaged)
+
+where P¹, P² are the per-level distributions of two forward passes of the same batch with
+different dropout masks (R-Drop, Liang et al., NeurIPS 2021; the two passes run as one pass over
+the batch duplicated, and CE is the mean of both). ω = 0 runs one plain pass.
+
+AdamW (no weight decay on biases, norms, embeddings and the fusion weights α), linear warm-up
+then cosine decay to 0, gradient-norm clipping, tqdm bars, an atomic checkpoint after every epoch
+(through :mod:`cartlib.io`, the only writer). ``resume=True`` continues from the last checkpoint
+and, on the CPU with a fixed seed, ends with bit-identical weights to an uninterrupted run: the
+shuffle of epoch e comes from a generator seeded with ``seed + e``, and the RNG states that drive
+dropout are saved and restored.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cartlib.decode import constrained_beam_search
+from cartlib.ids.prefix import PrefixIndex
+from cartlib.ids.vocab import Vocabulary
+from cartlib.io import torch_load, torch_save
+from cartlib.model.cart import CartModel, EncoderStates
+
+__all__ = ["ValidationSet", "TrainResult", "train_cart", "cart_loss", "LossParts", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "last.pt"
+_FORMAT = "cartlib.train.cart/v1"
+# fields that must match for a resumed run to continue the same run
+_RESUME_KEYS = (
+    "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_clip",
+    "consistency_weight", "seed", "max_length", "n_texts", "level_sizes",
+)
+
+
+class ValidationSet(NamedTuple):
+    """Held-out queries for recall@1 after every epoch."""
+
+    texts: Sequence[str]
+    items: Tensor  # (Q_val,) row of `codes` relevant to each text
+    prefix_index: PrefixIndex  # built from `codes`
+    codes: Tensor  # (N, L) identifier table of the gallery
+
+
+class TrainResult(NamedTuple):
+    model: CartModel
+    history: list[dict[str, float]]  # one dict per epoch
+
+
+class LossParts(NamedTuple):
+    loss: Tensor  # CE + ω KL
+    ce: Tensor
+    kl: Tensor
+
+
+def cart_loss(model: CartModel, input_ids: Tensor, attention_mask: Tensor, codes: Tensor, *, consistency_weight: float) -> LossParts:
+    """CE over the identifier tokens + ω · symmetric KL between two dropout passes (R-Drop)."""
+    b = codes.shape[0]
+    two = consistency_weight > 0
+    if model.freeze_encoder:  # a frozen encoder is deterministic: encode once, decode twice
+        enc = model.encode(input_ids, attention_mask)
+        if two:
+            enc = EncoderStates(enc.layers.repeat(1, 2, 1, 1), enc.mask.repeat(2, 1))
+        logits = model.decode(enc, codes.repeat(2, 1) if two else codes).logits
+    elif two:
+        logits = model(input_ids.repeat(2, 1), attention_mask.repeat(2, 1), codes.repeat(2, 1)).logits
+    else:
+        logits = model(input_ids, attention_mask, codes).logits
+    targets = codes.repeat(2, 1) if two else codes
+    ce = torch.stack([F.cross_entropy(z, targets[:, l]) for l, z in enumerate(logits)]).mean()
+    if not two:
+        return LossParts(ce, ce, torch.zeros((), device=ce.device))
+    kl = []
+    for z in logits:
+        lp1, lp2 = torch.log_softmax(z[:b], -1), torch.log_softmax(z[b:], -1)
+        # KL(P1||P2) + KL(P2||P1) = Σ (p1 - p2)(log p1 - log p2)
+        kl.append(((lp1.exp() - lp2.exp()) * (lp1 - lp2)).sum(-1).mean() / 2)
+    kl_t = torch.stack(kl).mean()
+    return LossParts(ce + consistency_weight * kl_t, ce, kl_t)
+
+
+def train_cart(
+    model: CartModel,
+    *,
+    tokenizer: Any,
+    texts: Sequence[str],
+    codes: Tensor,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    weight_decay: float = 0.01,
+    warmup_ratio: float = 0.1,
+    grad_clip: float = 1.0,
+    consistency_weight: float = 0.0,
+    seed: int = 0,
+    max_length: int = 64,
+    checkpoint_dir: Path | str | None = None,
+    progress: bool = True,
+    val: ValidationSet | tuple | None = None,
+    val_beam: int = 10,
+    val_batch_size: int = 128,
+    resume: bool = False,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` to generate identifier ``codes[i] (L,)`` from ``texts[i]`` (CART).
+
+    ``codes (Q, L)``: the target identifier of every training text (caption enhancement = the
+    pseudo-captions are simply more rows). ``val``: ``(texts, items, prefix_index, codes)`` for
+    recall@1 by constrained beam search (beam ``val_beam``) after each epoch. ``checkpoint_dir``:
+    where ``last.pt`` is written after every epoch. ``resume``: continue from it if it exists (a
+    fresh start otherwise); it must come from the same identifier table (fingerprint of ``codes``,
+    see :meth:`cartlib.ids.vocab.Vocabulary.fingerprint`) and the same settings, else ValueError.
+    ``on_epoch_end(epoch, record)`` runs after the checkpoint is written.
+
+    Seeds torch, numpy and python's ``random`` from ``seed`` (like HF ``set_seed``). A frozen
+    encoder's weights are not stored in the checkpoint: resume with the same encoder.
+    """
+    codes = torch.as_tensor(codes).long().cpu()
+    q = len(texts)
+    if q == 0:
+        raise ValueError("no training texts")
+    if codes.dim() != 2 or codes.shape[0] != q:
+        raise ValueError(f"codes must be (Q={q}, L), one identifier per text; got {tuple(codes.shape)}")
+    if codes.shape[1] != model.depth:
+        raise ValueError(f"codes have L={codes.shape[1]} levels, the model {model.depth}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    fingerprint = Vocabulary(level_sizes=model.level_sizes).fingerprint(codes.numpy())  # checks code ranges
+    config = {
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+        "warmup_ratio": warmup_ratio, "grad_clip": grad_clip, "consistency_weight": consistency_weight,
+        "seed": seed, "max_length": max_length, "n_texts": q, "level_sizes": list(model.level_sizes),
+    }
+    device = model.device
+    ids, mask = _tokenize(tokenizer, texts, max_length)  # pretokenised once, (Q, T) on the CPU
+    if val is not None:
+        val = ValidationSet(*val)
+        val_ids, val_mask = _tokenize(tokenizer, val.texts, max_length)
+        val_index = val.prefix_index.to(device)
+        val_items = torch.as_tensor(val.items).long().to(device)
+        val_beam = max(1, min(val_beam, val_index.n_items))
+
+    steps_per_epoch = math.ceil(q / batch_size)
+    total_steps = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps, warmup_ratio))
+
+    start_epoch, history = 0, []
+    ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+    if resume and ckpt_path.exists():
+        start_epoch, history = _restore(ckpt_path, model, optimizer, scheduler, fingerprint, config)
+    else:
+        _seed_everything(seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    from tqdm.auto import tqdm  # progress bars only; imported late to keep the module light
+
+    epoch_bar = tqdm(range(start_epoch, epochs), desc="train CART", disable=not progress, initial=start_epoch, total=epochs)
+    for epoch in epoch_bar:
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(q, generator=torch.Generator().manual_seed(seed + epoch))
+        sums = torch.zeros(3, dtype=torch.float64)
+        batch_bar = tqdm(range(0, q, batch_size), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+        for lo in batch_bar:
+            idx = order[lo : lo + batch_size]
+            width = int(mask[idx].sum(1).max())  # trim the batch to its longest text
+            parts = cart_loss(
+                model,
+                ids[idx, :width].to(device),
+                mask[idx, :width].to(device),
+                codes[idx].to(device),
+                consistency_weight=consistency_weight,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+            optimizer.step()
+            scheduler.step()
+            vals = torch.stack([p.detach().double().cpu() for p in parts])
+            sums += vals * idx.numel()
+            batch_bar.set_postfix(loss=f"{float(vals[0]):.4f}")
+        batch_bar.close()
+        mean = (sums / q).tolist()
+        record = {
+            "epoch": epoch + 1,
+            "loss": mean[0],
+            "ce": mean[1],
+            "kl": mean[2],
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": time.perf_counter() - t0,
+        }
+        if val is not None:
+            record["val_recall_at_1"] = _recall_at_1(
+                model, val_ids, val_mask, val_items, val_index, beam=val_beam, batch_size=val_batch_size
+            )
+        history.append(record)
+        epoch_bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_recall_at_1") if k in record})
+        if ckpt_path is not None:
+            _save(ckpt_path, model, optimizer, scheduler, epoch + 1, history, fingerprint, config)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+    epoch_bar.close()
+    model.eval()
+    return TrainResult(model=model, history=history)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def _param_groups(model: CartModel, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: not biases, norms, embeddings or the fusion mixing weights α."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.dim() < 2 or name.endswith(("alpha_logits", "tok_emb.weight", "pos_emb.weight")) or "embeddings" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR factor: linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to 0."""
+    warm = int(round(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _recall_at_1(
+    model: CartModel, ids: Tensor, mask: Tensor, items: Tensor, index: PrefixIndex, *, beam: int, batch_size: int
+) -> float:
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for lo in range(0, ids.shape[0], batch_size):
+            m = mask[lo : lo + batch_size]
+            width = int(m.sum(1).max())
+            enc = model.encode(ids[lo : lo + batch_size, :width].to(model.device), m[:, :width].to(model.device))
+            out = constrained_beam_search(model, enc, index, beam=beam, top_k=1)
+            hits += int((out.items[:, 0] == items[lo : lo + batch_size]).sum())
+    model.train()
+    return hits / ids.shape[0]
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _model_state(model: CartModel) -> dict[str, Tensor]:
+    """The model's weights; a frozen encoder is left out (it never changes)."""
+    state = model.state_dict()
+    if model.freeze_encoder:
+        state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    return state
+
+
+def _save(path: Path, model, optimizer, scheduler, epoch: int, history, fingerprint: str, config) -> None:
+    torch_save(
+        {
+            "format": _FORMAT,
+            "epoch": epoch,
+            "model": _model_state(model),
+            "frozen_encoder": model.freeze_encoder,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "history": history,
+            "fingerprint": fingerprint,
+            "config": config,
+        },
+        path,
+    )
+
+
+def _restore(path: Path, model, optimizer, scheduler, fingerprint: str, config) -> tuple[int, list[dict[str, float]]]:
+    ck = torch_load(path)
+    if not isinstance(ck, dict) or ck.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not a CART training checkpoint")
+    if ck["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{path}: checkpoint was trained against another identifier table "
+            f"(fingerprint {ck['fingerprint'][:12]}…, this run {fingerprint[:12]}…); "
+            "delete it or point checkpoint_dir elsewhere"
+        )
+    diff = [k for k in _RESUME_KEYS if ck["config"].get(k) != config.get(k)]
+    if diff:
+        pairs = ", ".join(f"{k}: {ck['config'].get(k)!r} -> {config.get(k)!r}" for k in diff)
+        raise ValueError(f"{path}: cannot resume with different settings ({pairs})")
+    if ck["frozen_encoder"] != model.freeze_encoder:
+        raise ValueError(f"{path}: checkpoint has freeze_encoder={ck['frozen_encoder']}, the model {model.freeze_encoder}")
+    missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+    missing = [k for k in missing if not (model.freeze_encoder and k.startswith("encoder."))]
+    if missing or unexpected:
+        raise ValueError(f"{path}: model weights do not fit (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    _set_rng_state(ck["rng"])
+    return int(ck["epoch"]), list(ck["history"])
