@@ -17,6 +17,8 @@ STAGES = {
     "data": "01_data.ipynb",
     "features": "02_features.ipynb",
     "identifiers": "03_identifiers.ipynb",
+    "train": "04_train.ipynb",
+    "evaluate": "05_evaluate.ipynb",
 }
 
 

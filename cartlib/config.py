@@ -83,11 +83,40 @@ class IdentifiersConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    freeze_encoder: bool = True  # frozen MiniLM: its states are computed once, so epochs cost only the decoder
+    fusion: bool = True  # CART's two-branch coarse-to-fine fusion; false = cross-attention to the last layer
+    caption_enhancement: bool = True  # pseudo-captions of every gallery item → its identifier
+    consistency_weight: float = 1.0  # ω of the symmetric-KL (R-Drop) term; 0 = the ablation
+    d_model: int = 384  # decoder width
+    n_layers: int = 2  # decoder layers (the paper's decoder is "compact")
+    n_heads: int = 6
+    dropout: float = 0.1
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 0.0005
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    max_length: int = 48  # tokens per query (captions are ~25 tokens)
+    n_val_items: int = 300  # train items whose last reference caption is held out for validation recall
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    beam: int = 10  # beams kept per query; the ranked list is the beams in score order
+    top_k: int = 10  # identifiers returned per query (≤ beam)
+    batch_size: int = 256  # queries per decoding batch
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     identifiers: IdentifiersConfig = field(default_factory=IdentifiersConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     source: str = "<defaults>"  # where these were loaded from (for error messages)
 
     @property
@@ -100,6 +129,8 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "features": FeaturesConfig,
     "identifiers": IdentifiersConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
 }
 
 
@@ -150,6 +181,7 @@ def _section(cls: type, values: Any, where: str):
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     obj = cls(**kwargs)
     _check(obj, where)
+    _check_train_eval(obj, where)
     return obj
 
 
@@ -223,6 +255,22 @@ def _check(obj: Any, where: str) -> None:
                 raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(obj, name)}")
         if obj.codebook_size < 2:
             raise ConfigError(f"{where}.codebook_size: must be ≥ 2, got {obj.codebook_size}")
+
+
+def _check_train_eval(obj: Any, where: str) -> None:
+    if isinstance(obj, TrainConfig):
+        for name in ("d_model", "n_layers", "n_heads", "epochs", "batch_size", "max_length"):
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(obj, name)}")
+        if obj.d_model % obj.n_heads:
+            raise ConfigError(f"{where}.d_model: {obj.d_model} is not divisible by n_heads={obj.n_heads}")
+        if obj.consistency_weight < 0:
+            raise ConfigError(f"{where}.consistency_weight: must be ≥ 0, got {obj.consistency_weight}")
+    if isinstance(obj, EvaluateConfig):
+        if obj.beam < 1 or obj.top_k < 1 or obj.batch_size < 1:
+            raise ConfigError(f"{where}: beam, top_k and batch_size must be ≥ 1")
+        if obj.top_k > obj.beam:
+            raise ConfigError(f"{where}.top_k: {obj.top_k} exceeds beam={obj.beam} (the ranked list is the beams)")
 
 
 def check_task(task: str, params: Params | None = None) -> str:

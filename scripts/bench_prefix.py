@@ -8,6 +8,7 @@ prefix states is answered (``allowed`` + ``advance``) in < 10 ms. Prints numbers
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -51,7 +52,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     device = torch.device(args.device)
 
     codes, sizes = random_identifiers(args.n, tuple(args.sizes), seed=0)

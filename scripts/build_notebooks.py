@@ -75,7 +75,45 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("md", "## The first identifiers (level-local codes; the last column is `u`)"),
         ("code", "pd.DataFrame(result.codes[params.identifiers.scheme][:8])"),
     ],
+    "04_train.ipynb": [
+        ("md", "# Stage `train`: the CART model\n\n"
+               "A query encoder (the bundled MiniLM; all S = 6 layers' hidden states are kept) and a compact "
+               "autoregressive decoder that emits the identifier `(k, v_1..v_M, u)` level by level. Each decoder "
+               "layer reads the encoder through the **two-branch coarse-to-fine fusion** (coarse: all layers "
+               "concatenated and projected, cross-attention, sigmoid gate; fine: one cross-attention per layer "
+               "mixed by learnable weights α). Training pairs: train-split queries → their item's identifier, "
+               "plus (**caption enhancement**) every gallery item's pseudo-captions → its identifier. Loss: "
+               "cross-entropy + ω · symmetric KL between two dropout passes (R-Drop consistency). Test queries "
+               "are never seen in training."),
+        ("params", PARAMS),
+        ("code", SETUP),
+        ("code", "from cartlib.stages import train as train_stage\n\nresult = train_stage.run(params, paths)"),
+        ("md", "## Training curve"),
+        ("code", "result.figure"),
+        ("code", "result.history"),
+        ("md", "## Summary"),
+        ("code", "pd.Series(result.metrics, name=task).to_frame()"),
+    ],
+    "05_evaluate.ipynb": [
+        ("md", "# Stage `evaluate`: constrained beam search on the test gallery\n\n"
+               "Every test query is answered by generating identifiers with a beam search constrained by the "
+               "prefix index of the test gallery's identifiers (so only valid identifiers come out); the ranked "
+               "list is the beams in score order. Recall@1/5/10 and MRR@10 against `qrels.tsv`, next to the "
+               "dual-tower baseline of the `features` stage, whichever way it falls."),
+        ("params", PARAMS),
+        ("code", SETUP),
+        ("code", "from cartlib.stages import evaluate as evaluate_stage\n\n"
+                 "result = evaluate_stage.run(params, paths)\nresult.comparison"),
+        ("md", "## All metrics"),
+        ("code", "pd.Series(result.metrics, name=task).to_frame()"),
+        ("md", "## Error analysis\nFor queries whose top-1 identifier is wrong: the level of the first wrong token "
+               "(a wrong coarse token `k` means the query went to the wrong cluster)."),
+        ("code", "result.errors"),
+        ("md", "## The first ranked lists (`run.tsv`)"),
+        ("code", "result.run.head(12)"),
+    ],
 }
+
 
 
 def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:

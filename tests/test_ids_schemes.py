@@ -75,13 +75,23 @@ def test_new_items_get_unique_token_after_existing(fitted, x, scheme):
     np.testing.assert_array_equal(m.extend(x[250:]), new)
     assert m.codes_.shape[0] == 300 and _all_unique(m.codes_)
     assert (m.codes_ < np.array(m.level_sizes_)).all()
-    # Re-encoding fitted items repeats their prefix and puts u after every fitted item
-    # (the random control draws fresh codes, so its prefix differs).
+    # Re-encoding fitted items repeats their semantic prefix (the random control draws fresh
+    # codes); the balanced last RQ level moves them to a free last code, else u counts on.
     again = m.transform(x[:5])
     assert _all_unique(np.concatenate([m.codes_, again]))
-    if m.has_unique_token and scheme is not Scheme.RANDOM:
+    if scheme in (Scheme.CART, Scheme.RQVAE_ONLY):
+        np.testing.assert_array_equal(again[:, :-2], m.codes_[:5, :-2])
+    elif m.has_unique_token and scheme is not Scheme.RANDOM:
         np.testing.assert_array_equal(again[:, :-1], m.codes_[:5, :-1])
         assert (again[:, -1] > m.codes_[:5, -1]).all()
+
+
+@pytest.mark.parametrize("scheme", [Scheme.CART, Scheme.RQVAE_ONLY])
+def test_nearest_last_level_repeats_the_prefix_of_fitted_items(x, scheme):
+    m = build_identifier_model(scheme, **SMALL, last_level="nearest").fit(x)
+    again = m.transform(x[:5])
+    np.testing.assert_array_equal(again[:, :-1], m.codes_[:5, :-1])
+    assert (again[:, -1] > m.codes_[:5, -1]).all()
 
 
 def test_shapes_match_cart_for_the_ablations(fitted):
@@ -100,16 +110,23 @@ def test_atomic_is_a_permutation(fitted, x):
     np.testing.assert_array_equal(m.transform(x[:2])[:, 0], [300, 301])
 
 
-def test_cart_coarse_token_is_kmeans_and_fine_tokens_code_the_residual(fitted, x):
-    m = fitted[Scheme.CART]
+def test_cart_coarse_token_is_kmeans_and_fine_tokens_code_the_residual():
+    # 32 true clusters, 4 K-Means clusters: the residual keeps structure for the RQ-VAE.
+    x = clustered(k=32)
+    m = CartIdentifier(**{**SMALL, "n_clusters": 4, "epochs": 20}).fit(x)
     k = m.codes_[:, 0]
     np.testing.assert_array_equal(k, m.labels_)
     residual = x - m.cluster_centers_[k]
-    np.testing.assert_array_equal(m.rqvae_.transform(residual), m.codes_[:, 1:-1])
-    # Centroid + decoded residual reconstructs better than the centroid alone.
+    nearest = m.rqvae_.transform(residual)
+    np.testing.assert_array_equal(nearest[:, :-1], m.codes_[:, 1:-2])
+    # The balanced last level keeps the nearest code wherever the item is alone in its group.
+    groups = np.unique(m.codes_[:, :-2], axis=0, return_inverse=True)[1].reshape(-1)
+    alone = np.bincount(groups)[groups] == 1
+    np.testing.assert_array_equal(nearest[alone, -1], m.codes_[alone, -2])
+    # Centroid + decoded residual reconstructs clearly better than the centroid alone.
     centroid_err = np.linalg.norm(residual) / np.linalg.norm(x)
-    assert m.reconstruction_rel_error_ < centroid_err
-    assert m.reconstruction_rel_error_ < fitted[Scheme.RANDOM].reconstruction_rel_error_
+    assert m.reconstruction_rel_error_ < centroid_err - 0.05, (m.reconstruction_rel_error_,
+                                                               centroid_err)
 
 
 def test_hierarchical_levels_nest_and_small_nodes_are_exact(x):

@@ -24,9 +24,9 @@ Reference captions (the queries) come from a small grammar:
                  | article [size] shape "in" colour     ("np-post": "a small circle in red")
                  | article [loudness] [rhythm] pitch kind           ("np-adj", audio)
                  | article [loudness] [rhythm] kind pitch-phrase    ("np-post": "a beep at a high pitch")
-Every word slot draws one of several synonyms from `SYNONYMS[table][value]` ("red" / "crimson" /
-"scarlet"). Attributes named in `OPTIONAL_ATTRIBUTES` are left out with probability
-`CAPTION_DROP_RATE` each (size, loudness, background, ...); object identities (shape and colour,
+Every word slot says the plain word of `SYNONYMS[table][value]` or, with probability
+`SYNONYM_RATE[task]`, one of its alternatives ("red" / "crimson" / "scarlet"). Attributes named in
+`OPTIONAL_ATTRIBUTES` are left out with probability `CAPTION_DROP_RATE[task]` each (size, loudness, background, ...); object identities (shape and colour,
 event kind and pitch), image positions (in "X above Y" the second one relative to the first) and
 video motions are always said. Image and video parts
 are reordered with probability `SHUFFLE_RATE`; audio keeps time order, but some templates say it
@@ -67,7 +67,10 @@ VIDEO_SIZE = 32
 # P(1 part), P(2 parts), ...: more parts = longer captions and more attribute binding to learn.
 N_PARTS_WEIGHTS = {"image": (1 / 3, 1 / 3, 1 / 3), "audio": (1 / 3, 1 / 3, 1 / 3), "video": (0.4, 0.6)}
 NEAR_DUPLICATE_RATE = 0.25  # chance that an item is the previous one with one attribute changed
-CAPTION_DROP_RATE = 0.3  # chance that a reference caption leaves out one optional attribute mention
+# chance that a word slot uses one of the alternative synonyms instead of the plain word: the
+# strongest knob; in the frozen MiniLM space, synonyms move a caption more than attributes do
+SYNONYM_RATE = {"image": 0.4, "audio": 0.4, "video": 0.4}
+CAPTION_DROP_RATE = {"image": 0.3, "audio": 0.3, "video": 0.3}  # chance to leave out an optional attribute mention
 OPTIONAL_ATTRIBUTES = {  # attributes a reference caption may leave out (identities are always said)
     "image": ("size", "background"),
     "audio": ("loudness", "rhythm", "ambience"),
@@ -407,6 +410,7 @@ class _Writer:
     def __init__(self, rng: np.random.Generator, task: str):
         self._rng, self.task = rng, task
         self._optional = OPTIONAL_ATTRIBUTES[task]
+        self._drop_rate, self._synonym_rate = CAPTION_DROP_RATE[task], SYNONYM_RATE[task]
         self._u: list[float] = []
         self.rules: list[str] = []
 
@@ -423,7 +427,9 @@ class _Writer:
 
     def syn(self, table: str, value: str) -> str:
         options = SYNONYMS[table][value]
-        i = int(self.u() * len(options))
+        i = 0  # the plain word, unless an alternative is drawn
+        if len(options) > 1 and self.u() < self._synonym_rate:
+            i = 1 + int(self.u() * (len(options) - 1))
         self.rules.append(_SYN_RULES[table][value][i])
         return options[i]
 
@@ -432,7 +438,7 @@ class _Writer:
 
     def keep(self, field: str) -> bool:
         """False (and recorded) when an optional attribute mention is left out."""
-        if field in self._optional and self.u() < CAPTION_DROP_RATE:
+        if field in self._optional and self.u() < self._drop_rate:
             self.rules.append("form:omit-" + field)
             return False
         return True

@@ -120,7 +120,8 @@ def nearest_center(features: np.ndarray, centers: np.ndarray, *, batch: int = 65
     for start in range(0, features.shape[0], batch):
         x = features[start:start + batch].astype(np.float64)
         # ||x||² is constant per row, so argmin over -2 x·c + ||c||² suffices.
-        out[start:start + batch] = np.argmin(c_sq[None, :] - 2.0 * x @ centers.T.astype(np.float64), 1)
+        scores = c_sq[None, :] - 2.0 * x @ centers.T.astype(np.float64)  # (B, K)
+        out[start:start + batch] = np.argmin(scores, 1)
     return out
 
 

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from enum import StrEnum
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,7 +22,9 @@ from cartlib.ids.kmeans import (
     MINIBATCH_THRESHOLD, check_features, check_n_clusters, check_positive, fit_kmeans,
     nearest_center, thread_limit,
 )
-from cartlib.ids.rqvae import RQVAEQuantizer
+from cartlib.ids.rqvae import (
+    Encoding, LastLevel, RQVAEQuantizer, balanced_last_codes, free_last_codes, group_ids,
+)
 
 _BATCH = 65_536  # rows per pass when computing errors at N = 1M
 
@@ -69,12 +72,21 @@ def unique_token(prefix: np.ndarray, *, seen_prefixes: np.ndarray | None = None,
     return offset[group] + rank
 
 
-def _prefix_table(prefix: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct prefixes (G, P) and how many items hold each (G,) = max(u) + 1."""
+class PrefixTable(NamedTuple):
+    prefixes: np.ndarray  # (G, P) distinct prefixes
+    counts: np.ndarray  # (G,) items holding each = max(u) + 1
+
+
+class PrefixFit(NamedTuple):
+    codes: np.ndarray  # (N, P) int64 codes before the unique token
+    reconstruction_rel_error: float  # ‖X − X̂‖_F / ‖X‖_F
+
+
+def _prefix_table(prefix: np.ndarray, u: np.ndarray) -> PrefixTable:
     keys, inv = np.unique(prefix, axis=0, return_inverse=True)
     counts = np.zeros(len(keys), dtype=np.int64)
     np.maximum.at(counts, inv.reshape(-1), u + 1)
-    return keys, counts
+    return PrefixTable(keys, counts)
 
 
 def _rel_error(x: np.ndarray, reconstruct: Callable[[slice], np.ndarray]) -> float:
@@ -104,8 +116,8 @@ class IdentifierModel:
     def _check_data(self, x: np.ndarray) -> None:
         """Raise ValueError for data this scheme cannot fit (before any work)."""
 
-    def _fit_prefix(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """(N, D) -> ((N, P) int64 prefix codes, reconstruction rel. error); learns state."""
+    def _fit_prefix(self, x: np.ndarray) -> PrefixFit:
+        """(N, D) -> prefix codes and reconstruction error; learns the scheme's state."""
         raise NotImplementedError
 
     def _encode_prefix(self, x: np.ndarray) -> np.ndarray:
@@ -142,7 +154,7 @@ class IdentifierModel:
         x = self._check_new(features)
         with thread_limit(getattr(self, "n_threads", None)):
             prefix = self._encode_prefix(x)
-        u = unique_token(prefix, seen_prefixes=self._seen_prefixes, seen_counts=self._seen_counts)
+        u = unique_token(prefix, seen_prefixes=self._seen.prefixes, seen_counts=self._seen.counts)
         return np.column_stack([prefix, u]).astype(np.int64)
 
     def extend(self, features: object) -> np.ndarray:
@@ -175,7 +187,7 @@ class IdentifierModel:
         else:
             self.codes_ = np.concatenate([self.codes_, appended])
         prefix, u = self.codes_[:, :-1], self.codes_[:, -1]
-        self._seen_prefixes, self._seen_counts = _prefix_table(prefix, u)
+        self._seen = _prefix_table(prefix, u)
         sizes = tuple(max(a, int(b) + 1) for a, b in zip(self._prefix_sizes(), prefix.max(0)))
         self.level_sizes_ = sizes + (int(u.max()) + 1,)
 
@@ -185,8 +197,38 @@ def _check_levels(n_levels: int, codebook_size: int) -> tuple[int, int]:
             check_positive(codebook_size, name="codebook_size", minimum=2))
 
 
+def _last_level(mode: LastLevel | str) -> LastLevel:
+    try:
+        return LastLevel(mode)
+    except ValueError:
+        raise ValueError(f"unknown last_level {mode!r}; expected one of "
+                         f"{[m.value for m in LastLevel]}") from None
+
+
 def _check_clusters(n_clusters: int) -> int:
     return check_positive(n_clusters, name="n_clusters", minimum=1)
+
+
+def _no_head(x: np.ndarray) -> np.ndarray:
+    return np.zeros((x.shape[0], 0), dtype=np.int64)
+
+
+def _fine_codes(enc: Encoding, head: np.ndarray, mode: LastLevel,
+                table: np.ndarray | None = None) -> np.ndarray:
+    """RQ codes (N, M) with the last level assigned per `mode`.
+
+    head (N, h): the identifier columns before the RQ codes (k for CART, none for RQ-VAE only);
+    table: the fitted (N_table, L) codes when encoding items added later.
+    """
+    v = enc.codes.copy()
+    if mode is LastLevel.NEAREST:
+        return v
+    prefix = np.column_stack([head, v[:, :-1]]).astype(np.int64)
+    if table is None:
+        v[:, -1] = balanced_last_codes(group_ids(prefix), enc.last_cost)
+    else:
+        v[:, -1] = free_last_codes(table[:, :-2], table[:, -2], prefix, enc.last_cost)
+    return v
 
 
 # --------------------------------------------------------------------------- CART
@@ -223,8 +265,10 @@ class CartIdentifier(IdentifierModel):
         minibatch_threshold: int = MINIBATCH_THRESHOLD,
         device: str = "cpu",
         n_threads: int | None = 1,
+        last_level: LastLevel | str = LastLevel.BALANCED,
         progress: bool = False,
     ) -> None:
+        self.last_level = _last_level(last_level)
         self.n_clusters = _check_clusters(n_clusters)
         self.n_levels, self.codebook_size = _check_levels(n_levels, codebook_size)
         self.seed = seed
@@ -242,20 +286,21 @@ class CartIdentifier(IdentifierModel):
     def _check_data(self, x: np.ndarray) -> None:
         check_n_clusters(self.n_clusters, x.shape[0])
 
-    def _fit_prefix(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def _fit_prefix(self, x: np.ndarray) -> PrefixFit:
         km = fit_kmeans(x, n_clusters=self.n_clusters, seed=self.seed,
                         minibatch_threshold=self.minibatch_threshold)
         self.cluster_centers_, self.labels_ = km.centers, km.labels
         residual = x - km.centers[km.labels]
         self.rqvae_ = copy.deepcopy(self.rqvae).fit(residual)
-        v = self.rqvae_.codes_
+        v = _fine_codes(self.rqvae_.encode(residual), km.labels[:, None], self.last_level)
         err = _rel_error(x, lambda rows: km.centers[km.labels[rows]]
                          + self.rqvae_.reconstruct(v[rows]))
-        return np.column_stack([km.labels, v]), err
+        return PrefixFit(np.column_stack([km.labels, v]), err)
 
     def _encode_prefix(self, x: np.ndarray) -> np.ndarray:
         k = nearest_center(x, self.cluster_centers_)
-        return np.column_stack([k, self.rqvae_.transform(x - self.cluster_centers_[k])])
+        enc = self.rqvae_.encode(x - self.cluster_centers_[k])
+        return np.column_stack([k, _fine_codes(enc, k[:, None], self.last_level, self.codes_)])
 
     def _prefix_sizes(self) -> tuple[int, ...]:
         return (self.n_clusters,) + (self.codebook_size,) * self.n_levels
@@ -292,8 +337,10 @@ class RQVAEOnlyIdentifier(IdentifierModel):
         max_train_items: int = 100_000,
         device: str = "cpu",
         n_threads: int | None = 1,
+        last_level: LastLevel | str = LastLevel.BALANCED,
         progress: bool = False,
     ) -> None:
+        self.last_level = _last_level(last_level)
         self.n_clusters = check_positive(n_clusters, name="n_clusters", minimum=2)
         self.n_levels, self.codebook_size = _check_levels(n_levels, codebook_size)
         self.seed = seed
@@ -310,12 +357,13 @@ class RQVAEOnlyIdentifier(IdentifierModel):
     def _check_data(self, x: np.ndarray) -> None:
         check_n_clusters(self.n_clusters, x.shape[0])
 
-    def _fit_prefix(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def _fit_prefix(self, x: np.ndarray) -> PrefixFit:
         self.rqvae_ = copy.deepcopy(self.rqvae).fit(x)
-        return self.rqvae_.codes_, self.rqvae_.reconstruction_rel_error_
+        v = _fine_codes(self.rqvae_.encode(x), _no_head(x), self.last_level)
+        return PrefixFit(v, self.rqvae_.reconstruction_error(x, v))
 
     def _encode_prefix(self, x: np.ndarray) -> np.ndarray:
-        return self.rqvae_.transform(x)
+        return _fine_codes(self.rqvae_.encode(x), _no_head(x), self.last_level, self.codes_)
 
     def _prefix_sizes(self) -> tuple[int, ...]:
         return self.rqvae.codebook_sizes
@@ -343,11 +391,11 @@ class KMeansUniqueIdentifier(IdentifierModel):
     def _check_data(self, x: np.ndarray) -> None:
         check_n_clusters(self.n_clusters, x.shape[0])
 
-    def _fit_prefix(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def _fit_prefix(self, x: np.ndarray) -> PrefixFit:
         km = fit_kmeans(x, n_clusters=self.n_clusters, seed=self.seed,
                         minibatch_threshold=self.minibatch_threshold)
         self.cluster_centers_, self.labels_ = km.centers, km.labels
-        return km.labels[:, None], _rel_error(x, lambda rows: km.centers[km.labels[rows]])
+        return PrefixFit(km.labels[:, None], _rel_error(x, lambda rows: km.centers[km.labels[rows]]))
 
     def _encode_prefix(self, x: np.ndarray) -> np.ndarray:
         return nearest_center(x, self.cluster_centers_)[:, None]
@@ -383,7 +431,7 @@ class HierarchicalKMeansIdentifier(IdentifierModel):
     def _check_data(self, x: np.ndarray) -> None:
         check_n_clusters(self.n_clusters, x.shape[0])
 
-    def _fit_prefix(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def _fit_prefix(self, x: np.ndarray) -> PrefixFit:
         n = x.shape[0]
         codes = np.zeros((n, self.n_levels + 1), dtype=np.int64)
         sq_err = 0.0  # ‖x − deepest-node centroid‖² summed over items
@@ -408,7 +456,7 @@ class HierarchicalKMeansIdentifier(IdentifierModel):
                     children.append((path + (int(c),), rows[labels == c]))
             groups = children
         den = float((x.astype(np.float64) ** 2).sum())
-        return codes, math.sqrt(sq_err / den) if den > 0 else 0.0
+        return PrefixFit(codes, math.sqrt(sq_err / den) if den > 0 else 0.0)
 
     def _encode_prefix(self, x: np.ndarray) -> np.ndarray:
         codes = np.zeros((x.shape[0], self.n_levels + 1), dtype=np.int64)
@@ -453,9 +501,9 @@ class RandomIdentifier(IdentifierModel):
         rng = np.random.default_rng([self.seed, n_seen])
         return rng.integers(0, np.array(self._prefix_sizes()), size=(n, self.n_levels + 1))
 
-    def _fit_prefix(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def _fit_prefix(self, x: np.ndarray) -> PrefixFit:
         self.mean_ = x.mean(0)
-        return self._draw(x.shape[0], 0), _rel_error(x, lambda rows: self.mean_[None])
+        return PrefixFit(self._draw(x.shape[0], 0), _rel_error(x, lambda rows: self.mean_[None]))
 
     def _encode_prefix(self, x: np.ndarray) -> np.ndarray:
         return self._draw(x.shape[0], len(self.codes_))
@@ -523,6 +571,7 @@ def build_identifier_model(
     minibatch_threshold: int = MINIBATCH_THRESHOLD,
     device: str = "cpu",
     n_threads: int | None = 1,
+    last_level: LastLevel | str = LastLevel.BALANCED,
     progress: bool = False,
 ) -> IdentifierModel:
     """An unfitted estimator for `scheme`; the parameters a scheme does not use are ignored,
@@ -541,10 +590,12 @@ def build_identifier_model(
               progress=progress)
     shape = dict(n_clusters=n_clusters, n_levels=n_levels, codebook_size=codebook_size)
     RQVAEQuantizer(codebook_sizes=(codebook_size,) * n_levels, **rq)  # validates; cheap
+    last_level = _last_level(last_level)
     if scheme is Scheme.CART:
-        return CartIdentifier(**shape, **rq, minibatch_threshold=minibatch_threshold)
+        return CartIdentifier(**shape, **rq, last_level=last_level,
+                              minibatch_threshold=minibatch_threshold)
     if scheme is Scheme.RQVAE_ONLY:
-        return RQVAEOnlyIdentifier(**shape, **rq)
+        return RQVAEOnlyIdentifier(**shape, **rq, last_level=last_level)
     if scheme is Scheme.HIERARCHICAL_KMEANS:
         return HierarchicalKMeansIdentifier(**shape, seed=seed, n_threads=n_threads,
                                             minibatch_threshold=minibatch_threshold)

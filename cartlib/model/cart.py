@@ -5,7 +5,7 @@ candidate from the query text: ``p(id | q) = Π_l p(c_l | c_<l, q)``. The encode
 every decoder layer is pre-LN ``causal self-attention → coarse-to-fine fusion (the cross-attention
 over all S encoder layers, see :mod:`cartlib.model.fusion`) → FFN``.
 
-Identifier tokens follow the shared vocabulary (``cartlib.ids.vocab``): 0 PAD, 1 BOS, then the
+Identifier tokens follow the shared :class:`cartlib.ids.vocab.Vocabulary`: 0 PAD, 1 BOS, then the
 codes of level 0, level 1, … in disjoint ranges starting at ``offsets[l] = 2 + Σ_{j<l} K_j``. The
 decoder input at position ``l`` is BOS (l = 0) or the token of code ``c_{l-1}``; a learned position
 embedding per level tells the levels apart; the output at position ``l`` is scored only against
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cartlib.ids.vocab import Vocabulary
 from cartlib.model.fusion import CoarseToFineFusion, FusionMemory, FusionMode
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
     "BOS",
 ]
 
-PAD, BOS = 0, 1  # special tokens of the identifier vocabulary
+PAD, BOS = Vocabulary.PAD, Vocabulary.BOS  # special tokens of the identifier vocabulary
 
 
 class EncoderStates(NamedTuple):
@@ -103,6 +104,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """``x (N, T, D)``; ``past`` keys/values ``(N, H, t, Dh)`` of earlier positions or None."""
         n, t, d = x.shape
+        if past is not None and t != 1:
+            raise ValueError("cached self-attention decodes one position at a time")
         q, k, v = self.qkv(x).view(n, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         if past is not None:  # new positions attend to all cached ones: no mask needed for T = 1
             k, v = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
@@ -179,8 +182,8 @@ class CartModel(nn.Module):
             self.encoder.eval()
         cfg = text_encoder.config
         self.n_enc_layers, self.d_enc = int(cfg.num_hidden_layers), int(cfg.hidden_size)
-        self.offsets = tuple(2 + sum(self.level_sizes[:l]) for l in range(len(self.level_sizes)))
-        self.vocab_size = 2 + sum(self.level_sizes)
+        self.vocab = Vocabulary(level_sizes=self.level_sizes)  # the shared token layout
+        self.offsets, self.vocab_size = self.vocab.offsets, self.vocab.size
         self.d_model, self.n_heads = d_model, n_heads
 
         self.tok_emb = nn.Embedding(self.vocab_size, d_model)

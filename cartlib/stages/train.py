@@ -1,0 +1,143 @@
+"""Stage `train`: the CART model (frozen or fine-tuned MiniLM + compact fused decoder), trained on
+train-split queries and, with caption enhancement, on every gallery item's pseudo-captions."""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cartlib import io, viz
+from cartlib.config import Params, TrainConfig, check_task, resolve_device
+from cartlib.data import schema
+from cartlib.data.idstore import IdentifierTable, load_identifiers
+from cartlib.encoders.text import load_text_encoder
+from cartlib.ids.prefix import PrefixIndex
+from cartlib.model.cart import CartModel
+from cartlib.paths import TaskPaths
+from cartlib.results import publish
+from cartlib.train import ValidationSet, train_cart
+
+
+class TrainingPairs(NamedTuple):
+    texts: list[str]  # training queries
+    rows: np.ndarray  # (Q,) item row (items.tsv order) whose identifier each text targets
+    kinds: np.ndarray  # (Q,) "reference" or "pseudo"
+    val_texts: list[str]  # held-out reference captions of some train items (never trained on)
+    val_rows: np.ndarray  # (Q_val,)
+
+
+class TrainStageResult(NamedTuple):
+    model: CartModel
+    history: pd.DataFrame
+    metrics: dict
+    figure: object
+    mlflow_run_id: str | None
+
+
+def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, n_val_items: int, seed: int) -> TrainingPairs:
+    """Train queries → their item; pseudo-captions of all items (train and test galleries) → their item.
+
+    Test reference captions (the test queries) are never used. The last reference caption of
+    `n_val_items` random train items is held out for validation recall.
+    """
+    row_of = pd.Series(np.arange(len(dataset.items)), index=dataset.items["item_id"].to_numpy())
+    caps = dataset.captions
+    train_ids = dataset.split_items("train")["item_id"].to_numpy()
+    refs = caps[(caps["kind"] == "reference") & caps["item_id"].isin(set(train_ids))]
+    rng = np.random.default_rng(seed)
+    val_items = set(rng.choice(train_ids, size=min(n_val_items, len(train_ids)), replace=False))
+    last = refs.groupby("item_id", sort=False)["caption_id"].transform("last")
+    held = (refs["caption_id"] == last) & refs["item_id"].isin(val_items) & (refs.groupby("item_id")["caption_id"].transform("size") > 1)
+    train = refs[~held]
+    if caption_enhancement:
+        train = pd.concat([train, caps[caps["kind"] == "pseudo"]])
+    val = refs[held]
+    return TrainingPairs(train["text"].tolist(), row_of[train["item_id"]].to_numpy(), train["kind"].to_numpy(),
+                         val["text"].tolist(), row_of[val["item_id"]].to_numpy())
+
+
+def build_model(cfg: TrainConfig, level_sizes) -> tuple[object, CartModel]:
+    tokenizer, encoder = load_text_encoder()
+    model = CartModel(text_encoder=encoder, freeze_encoder=cfg.freeze_encoder, level_sizes=level_sizes,
+                      d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, dropout=cfg.dropout,
+                      fusion=cfg.fusion)
+    return tokenizer, model
+
+
+def save_bundle(path, *, model: CartModel, cfg: TrainConfig, table: IdentifierTable, history: list[dict]) -> None:
+    """The trained model with the identity of its identifier table (a frozen encoder is not stored)."""
+    state = {k: v for k, v in model.state_dict().items() if not (cfg.freeze_encoder and k.startswith("encoder."))}
+    io.torch_save({"state_dict": state, "train_config": dataclasses.asdict(cfg), "scheme": table.scheme,
+                   "level_sizes": list(table.vocab.level_sizes), "identifier_fingerprint": table.fingerprint,
+                   "history": history}, path)
+
+
+def load_bundle(path, *, table: IdentifierTable, device: str = "cpu") -> tuple[object, CartModel, dict]:
+    """Rebuild a trained model; refuse it if it was trained against another identifier table."""
+    bundle = io.torch_load(path)
+    if bundle["identifier_fingerprint"] != table.fingerprint:
+        raise ValueError(f"{path}: this model was trained against identifier table {bundle['identifier_fingerprint'][:12]}… "
+                         f"(scheme {bundle['scheme']!r}) but the current table is {table.fingerprint[:12]}… "
+                         f"(scheme {table.scheme!r}); rerun the train stage")
+    cfg = TrainConfig(**bundle["train_config"])
+    tokenizer, model = build_model(cfg, bundle["level_sizes"])
+    missing, unexpected = model.load_state_dict(bundle["state_dict"], strict=False)
+    bad = [k for k in missing if not (cfg.freeze_encoder and k.startswith("encoder."))]
+    if bad or unexpected:
+        raise ValueError(f"{path}: checkpoint does not fit the model (missing {bad[:3]}, unexpected {unexpected[:3]})")
+    return tokenizer, model.to(device).eval(), bundle
+
+
+def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str | None = None,
+        cfg: TrainConfig | None = None, out_name: str = "cart.pt", publish_results: bool = True) -> TrainStageResult:
+    """Train on `scheme`'s identifiers (default: identifiers.scheme) with `cfg` (default: params.train)."""
+    check_task(paths.task, params)
+    cfg = cfg or params.train
+    device = resolve_device(params.base.device)
+    dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
+    table = load_identifiers(paths.data / "identifiers", scheme or params.identifiers.scheme,
+                             item_ids=dataset.items["item_id"].to_numpy())
+    pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, n_val_items=cfg.n_val_items,
+                           seed=params.base.seed)
+    torch.manual_seed(params.base.seed)
+    tokenizer, model = build_model(cfg, table.vocab.level_sizes)
+    model = model.to(device)
+    codes = torch.from_numpy(table.codes)
+    train_rows = np.flatnonzero(dataset.items["split"].to_numpy() == "train")
+    val = None
+    if len(pairs.val_texts):
+        gallery = codes[train_rows]
+        position = pd.Series(np.arange(len(train_rows)), index=train_rows)
+        val = ValidationSet(pairs.val_texts, torch.from_numpy(position[pairs.val_rows].to_numpy()),
+                            PrefixIndex.build(gallery, table.vocab.level_sizes), gallery)
+    ckpt_dir = paths.models / (out_name.removesuffix(".pt") + "_checkpoints")
+    kwargs = dict(tokenizer=tokenizer, texts=pairs.texts, codes=codes[pairs.rows], epochs=cfg.epochs,
+                  batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+                  grad_clip=cfg.grad_clip, consistency_weight=cfg.consistency_weight, seed=params.base.seed,
+                  max_length=cfg.max_length, checkpoint_dir=ckpt_dir, progress=progress, val=val)
+    try:  # resume an interrupted run of the same configuration
+        result = train_cart(model, resume=True, **kwargs)
+    except ValueError as e:
+        if "checkpoint" not in str(e).lower() and "mismatch" not in str(e).lower():
+            raise
+        print(f"not resuming ({e}); training from scratch")
+        torch.manual_seed(params.base.seed)
+        tokenizer, model = build_model(cfg, table.vocab.level_sizes)
+        result = train_cart(model.to(device), resume=False, **kwargs)
+    save_bundle(paths.models / out_name, model=result.model, cfg=cfg, table=table, history=result.history)
+    history = pd.DataFrame(result.history)
+    last = result.history[-1]
+    metrics = {"n_train_texts": len(pairs.texts), "n_pseudo_texts": int((pairs.kinds == "pseudo").sum()),
+               "n_val_queries": len(pairs.val_texts), "final_loss": last["loss"], "final_ce": last["ce"],
+               "final_kl": last["kl"], "train_seconds": float(history["seconds"].sum())}
+    if "val_recall_at_1" in last:
+        metrics["val_recall_at_1"] = last["val_recall_at_1"]
+    figure = viz.training_curve(history, title=f"{paths.task}: CART training loss (CE + ω·KL)")
+    run_id = None
+    if publish_results:
+        run_id = publish(paths, "train", params=params, metrics=metrics, tables={"history": history},
+                         figures={"training_curve": figure})
+    return TrainStageResult(result.model, history, metrics, figure, run_id)
