@@ -61,30 +61,42 @@ def test_more_levels_lower_reconstruction_error(mixture):
     assert errors[2] < 0.5, errors
 
 
-def _healthy(rq, sizes):
-    """Collapse check: codes used (>= 90% of each codebook, perplexity >= 60% of it) and
-    informative (they reconstruct the mixture to < 0.5 relative error)."""
-    h = identifier_health(rq.codes_, sizes, has_unique_token=False)
-    used = all(h[f"code_usage_l{i}"] >= 0.9 and h[f"perplexity_l{i}"] >= 0.6 * k
-               for i, k in enumerate(sizes))
-    return used and rq.reconstruction_rel_error_ < 0.5, {**h, "err": rq.reconstruction_rel_error_}
+@pytest.fixture(scope="module")
+def residual():
+    """CART's setting: the K-Means residual of an 8-component mixture clustered into 32.
+    What is left is mostly noise, the case where RQ-VAE codes collapse when the loss is off."""
+    x = gaussian_mixture(k=8)
+    km = KMeansQuantizer(n_clusters=32, seed=0).fit(x)
+    return km.residual(x, km.labels_)
+
+
+def _healthy(codes, sizes):
+    """Collapse check: >= 90% of each codebook used and perplexity >= 75% of its size."""
+    h = identifier_health(codes, sizes, has_unique_token=False)
+    return all(h[f"code_usage_l{i}"] >= 0.9 and h[f"perplexity_l{i}"] >= 0.75 * k
+               for i, k in enumerate(sizes)), h
+
+
+def test_codes_do_not_collapse_on_kmeans_residuals(residual):
+    rq = RQVAEQuantizer(codebook_sizes=(16, 16), **RQ).fit(residual)
+    ok, h = _healthy(rq.codes_, (16, 16))
+    assert ok, h  # measured: usage 1.0 / 1.0, perplexity 15.8 / 15.9
 
 
 def test_codes_do_not_collapse_on_clustered_features(mixture):
     rq = RQVAEQuantizer(codebook_sizes=(16, 16), **RQ).fit(mixture)
-    ok, h = _healthy(rq, (16, 16))
+    ok, h = _healthy(rq.codes_, (16, 16))
     assert ok, h
 
 
-def test_collapse_check_has_teeth(mixture):
-    # The check above must be able to fail. Commitment x1000 with the guards off (no AE
-    # warm-up before the k-means codebook init, no dead-code re-seeding) leaves codes that
-    # barely explain the mixture (rel. error ~0.85) and an unused code or two: caught.
-    # (Commitment x1000 alone, or no re-seeding alone, still passes: the warm-up and the
-    # k-means init on warmed-up latents are the main guard.)
-    rq = RQVAEQuantizer(codebook_sizes=(16, 16), **{**RQ, "beta": 250.0}, warmup_fraction=0.0,
-                        dead_code_threshold=0.0).fit(mixture)
-    ok, h = _healthy(rq, (16, 16))
+def test_collapse_check_has_teeth(residual):
+    # The check must be able to fail: commitment x1000 without dead-code re-seeding starves the
+    # codebooks (measured: usage 0.75 / 0.62, perplexity 11.0 / 8.1 of 16). Commitment x1000
+    # alone gives perplexity ~11 at level 2, also below the bar; re-seeding alone keeps every
+    # code in use.
+    rq = RQVAEQuantizer(codebook_sizes=(16, 16), **{**RQ, "beta": 250.0},
+                        dead_code_threshold=0.0).fit(residual)
+    ok, h = _healthy(rq.codes_, (16, 16))
     assert not ok, h
 
 
@@ -131,18 +143,32 @@ def test_rqvae_rejects_wrong_dim_after_fit(mixture):
 
 # ------------------------------------------------------------------ collision-aware last level
 
-def test_balanced_last_codes_match_brute_force():
+def test_balanced_last_codes_are_a_stable_matching():
     rng = np.random.default_rng(0)
-    cost = rng.random((7, 4))
-    groups = np.array([0, 0, 0, 1, 2, 2, 2])
+    cost = rng.random((16, 4))
+    groups = np.array([0] * 9 + [1] * 3 + [2] + [3] * 3)
     codes = balanced_last_codes(groups, cost)
-    for g in (0, 2):
+    cap = {0: 3, 1: 1, 2: 1, 3: 1}  # ceil(group size / 4)
+    for g, c in cap.items():
         rows = np.flatnonzero(groups == g)
-        best = min(itertools.permutations(range(4), len(rows)),
-                   key=lambda p: cost[rows, list(p)].sum())
-        assert len(set(codes[rows].tolist())) == len(rows)  # distinct within the group
-        assert cost[rows, codes[rows]].sum() == pytest.approx(cost[rows, list(best)].sum())
-    assert codes[3] == cost[3].argmin()  # alone: keeps its nearest code
+        assert np.bincount(codes[rows], minlength=4).max() <= c
+    assert codes[12] == cost[12].argmin()  # alone: keeps its nearest code
+    # Brute-force oracle: no blocking pair (an item preferring a code that has room, or that
+    # holds a costlier item of the same group).
+    for i in range(16):
+        for j in range(4):
+            if cost[i, j] >= cost[i, codes[i]]:
+                continue
+            holders = np.flatnonzero((groups == groups[i]) & (codes == j))
+            assert len(holders) == cap[groups[i]], (i, j)
+            assert (cost[holders, j] < cost[i, j]).all(), (i, j)
+
+
+def test_balanced_last_codes_match_the_optimum_on_a_small_group():
+    cost = np.array([[0.0, 1.0, 4.0], [0.1, 3.0, 3.0], [0.2, 0.3, 5.0]])
+    codes = balanced_last_codes(np.zeros(3, dtype=np.int64), cost)
+    best = min(itertools.permutations(range(3)), key=lambda p: cost[range(3), list(p)].sum())
+    np.testing.assert_array_equal(codes, best)
 
 
 def test_balanced_last_codes_keep_distinct_nearest_and_cap_large_groups():

@@ -73,6 +73,34 @@ def test_pipeline_outputs_follow_the_contract(smoke_repo):
 
 
 @pytest.mark.slow
+def test_identifier_health_is_reported(smoke_repo):
+    for task in ("image", "audio", "video"):
+        out = smoke_repo / "results" / "identifiers" / task
+        m = json.loads((out / "metrics.json").read_text())
+        assert {"collision_rate", "max_items_per_prefix", "unique_token_p99", "code_usage_l0", "perplexity_l0",
+                "reconstruction_rel_error", "fit_seconds"} <= set(m)
+        schemes = pd.read_csv(out / "schemes.tsv", sep="\t")
+        assert set(schemes["scheme"]) == {"cart", "atomic", "hierarchical_kmeans", "rqvae_only", "kmeans_unique", "random"}
+        assert (schemes.loc[schemes["scheme"] == "atomic", "collision_rate"] == 0).all()
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_notebooks_at_smoke_scale(smoke_repo):
+    """The CART stages (not yet in the default DVC pipeline) run through papermill on the smoke data."""
+    for stage in ("train", "evaluate"):
+        proc = _run([str(BIN / "cart-stage"), stage, "--task", "image"], smoke_repo, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = smoke_repo / "results" / "evaluate" / "image"
+    m = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(m) and m["n_candidates"] == 100
+    run = pd.read_csv(out / "run.tsv", sep="\t", dtype={"query_id": str, "item_id": str})
+    qrels = pd.read_csv(smoke_repo / "data" / "image" / "qrels.tsv", sep="\t", dtype=str)
+    assert metrics_from_run(run, qrels)["recall_at_10"] == pytest.approx(m["recall_at_10"])
+    items = pd.read_csv(smoke_repo / "data" / "image" / "dataset" / "items.tsv", sep="\t", dtype=str)
+    assert set(run["item_id"]) <= set(items.loc[items["split"] == "test", "item_id"])  # only valid identifiers
+
+
+@pytest.mark.slow
 def test_pipeline_is_up_to_date_after_repro(smoke_repo):
     proc = _run([str(BIN / "dvc"), "status"], smoke_repo)
     assert "up to date" in proc.stdout, proc.stdout

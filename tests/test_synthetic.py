@@ -60,18 +60,25 @@ def test_media_shapes_dtypes_and_ranges(task):
 
 
 @pytest.mark.parametrize("task", ["image", "video"])
-def test_objects_are_visible_in_their_colour(task):
-    data = _collect(task=task, n_train=0, n_test=60, seed=4)
+def test_objects_are_visible_in_their_colour_and_size(task):
+    data = _collect(task=task, n_train=0, n_test=150, seed=4)
     cell = S.IMAGE_SIZE // 3
+    area: dict[str, list[int]] = {}
     for frames, attrs in zip(data["media"], data["attributes"]):
         picture = frames if task == "image" else frames[0]
         for obj in attrs["objects"]:
             region = picture
             if task == "image":
                 row, col = divmod(S.POSITIONS.index(obj["position"]), 3)
-                region = picture[max(0, row * cell - 3):(row + 1) * cell + 3, max(0, col * cell - 3):(col + 1) * cell + 3]
+                top, left = max(0, row * cell - 3), max(0, col * cell - 3)
+                region = picture[top:(row + 1) * cell + 3, left:(col + 1) * cell + 3]
             near = np.abs(region.astype(int) - np.asarray(S.COLOURS[obj["colour"]])).max(axis=-1) <= 14
             assert near.sum() >= 12, (attrs, obj)
+            if len(attrs["objects"]) == 1 and obj.get("motion") not in ("grow", "shrink"):
+                area.setdefault(obj["size"], []).append(int(near.sum()))
+    sizes = list(S.IMAGE_RADII if task == "image" else S.VIDEO_RADII)
+    means = [np.mean(area[size]) for size in sizes]
+    assert means == sorted(means) and means[0] * 2 < means[-1], dict(zip(sizes, means))
 
 
 def test_ids_and_splits_put_test_items_first():
@@ -127,7 +134,20 @@ def test_uniqueness_holds_when_the_space_is_nearly_full(monkeypatch):
 
 
 @pytest.mark.parametrize("task", S.TASKS)
+def test_attribute_key_is_exact(task):
+    attrs = _sampled(task, 1500, seed=5)
+    attrs += [S._mutate(task, a, np.random.default_rng(i)) for i, a in enumerate(attrs)]
+    keys = {}
+    for a in attrs:
+        keys.setdefault(S.attribute_key(task, a), set()).add(_parts_key(task, a))
+    assert all(len(v) == 1 for v in keys.values())  # no two different sets share a key
+
+
+@pytest.mark.parametrize("task", S.TASKS)
 def test_attribute_space_is_far_larger_than_a_million(task):
+    counts = np.bincount([len(a[S.PART_KEY[task]]) for a in _sampled(task, 3000)], minlength=4)[1:]
+    weights = np.asarray(S.N_PARTS_WEIGHTS[task])
+    assert np.allclose(counts[:len(weights)] / 3000, weights / weights.sum(), atol=0.04)
     assert S.n_combinations(task) > 5_000_000
 
 

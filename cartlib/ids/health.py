@@ -27,7 +27,7 @@ def identifier_health(
 ) -> dict[str, float]:
     """Health metrics of an (N, L) identifier table, as a flat {name: number} dict.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier `(k, v_1..v_M, u)`. With `has_unique_token`
+    CART, Fang et al., ACL 2025, identifier `(k, v_1..v_M, u)`. With `has_unique_token`
     (every scheme but atomic) the last column is `u` and the "prefix" is the columns before it.
     Keys:
       collision_rate        fraction of items whose prefix is shared with another item

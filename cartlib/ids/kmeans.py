@@ -128,7 +128,7 @@ def nearest_center(features: np.ndarray, centers: np.ndarray, *, batch: int = 65
 class KMeansQuantizer:
     """Coarse token `k` of the identifier: K-Means over item features.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier: `k` is the K-Means cluster of the candidate's
+    CART, Fang et al., ACL 2025, identifier: `k` is the K-Means cluster of the candidate's
     feature vector, the coarse and most important token; the fine tokens quantise the residual
     `x - centroid_k` (see `residual`).
 

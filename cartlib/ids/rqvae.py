@@ -4,17 +4,17 @@ Collapse guards (RQ-VAE projects' most common failure is every item landing on a
 - inputs are standardised (mean removed, divided by one global RMS scale), so the reconstruction
   loss is relative to the input variance whatever the feature scale (K-Means residuals of unit-norm
   features are much smaller than the features);
-- the commitment loss is divided by the (detached) batch variance of the latent, so the encoder
-  cannot win it by shrinking the latent, and β means the same at every scale;
+- the latent is batch-standardised (BatchNorm without affine): each latent dimension keeps unit
+  variance across items, so the encoder cannot win the commitment term by shrinking the latent
+  into a point, and β means the same at every scale. (A per-item norm such as LayerNorm would
+  hide the fine differences inside a large residual; a commitment divided by the batch variance
+  feeds back on itself and collapsed in our tests.)
 - the first `warmup_fraction` of the epochs train the plain autoencoder (no quantiser); the
   codebooks are then initialised by k-means on the latents of a first batch, so they start on an
-  informative latent rather than a random projection (the strongest guard in our tests);
+  informative latent rather than a random projection;
 - codebooks follow EMA (k-means-like) updates with straight-through gradients to the encoder, and
   codes whose EMA usage falls below `dead_code_threshold` × the uniform share are re-seeded from
   batch latents.
-The latent is deliberately not normalised per item: a per-item norm hides the fine differences
-inside a large residual (e.g. two true clusters merged by K-Means) and piles those items onto one
-identifier.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
@@ -108,7 +107,7 @@ def _perplexity(codes: torch.Tensor, size: int) -> float:
 class ResidualQuantizer(nn.Module):
     """M codebooks applied one after another, each to what the previous levels left.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier (fine tokens v_1..v_M). Codebooks are buffers
+    CART, Fang et al., ACL 2025, identifier (fine tokens v_1..v_M). Codebooks are buffers
     updated by EMA (not by gradients), re-seeded from batch latents when a code goes unused.
     """
 
@@ -209,19 +208,23 @@ class ResidualQuantizer(nn.Module):
 class RQVAE(nn.Module):
     """MLP encoder -> residual quantiser -> MLP decoder.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier: the RQ-VAE that turns the K-Means residual into
+    CART, Fang et al., ACL 2025, identifier: the RQ-VAE that turns the K-Means residual into
     the fine tokens; loss = reconstruction + β·commitment (the standard RQ-VAE recipe, Lee et al.
     2022), codebooks by EMA with straight-through gradients.
     """
 
     def __init__(self, *, input_dim: int, hidden_dim: int, latent_dim: int,
                  codebook_sizes: Sequence[int], ema_decay: float = 0.95,
-                 dead_code_threshold: float = 0.1, generator: torch.Generator | None = None) -> None:
+                 dead_code_threshold: float = 0.1, normalize_latent: bool = True,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.encoder = _mlp([input_dim, hidden_dim, hidden_dim, latent_dim])
         self.decoder = _mlp([latent_dim, hidden_dim, hidden_dim, input_dim])
-        self.latent_norm = nn.BatchNorm1d(latent_dim, affine=False)
+        # Batch-standardised latent: every dimension keeps unit variance across items, so the
+        # encoder cannot shrink the latent into a point to win the commitment term.
+        self.latent_norm = (nn.BatchNorm1d(latent_dim, affine=False) if normalize_latent
+                            else nn.Identity())
         self.quantizer = ResidualQuantizer(codebook_sizes=codebook_sizes, dim=latent_dim,
                                            decay=ema_decay, dead_code_threshold=dead_code_threshold)
         if generator is not None:
@@ -257,11 +260,14 @@ class RQVAE(nn.Module):
 class RQVAEQuantizer:
     """Fine tokens `v_1..v_M` of the identifier: an RQ-VAE on (residual) features.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier. scikit-learn surface: `fit(features)` sets
+    CART, Fang et al., ACL 2025, identifier. scikit-learn surface: `fit(features)` sets
     `codes_` (N, M) int64, `level_sizes_`, `model_`, `history_` (one EpochStats per epoch),
     `reconstruction_rel_error_` (‖X − X̂‖_F / ‖X‖_F over the items), `mean_`, `scale_`.
     Training uses at most `max_train_items` items (a seeded sample); encoding runs in batches, so
-    N = 1M works. Deterministic for a seed on the CPU.
+    N = 1M works. Deterministic for a seed on the CPU. `device`: "cpu", "cuda" or "auto".
+    `n_threads`: torch/BLAS threads during fit and encode (restored afterwards); 1 by default
+    because these small matmuls gain nothing from more threads and lose 10-30x to spinning
+    OpenMP threads on a shared CPU; None leaves the process setting alone.
     """
 
     def __init__(
@@ -279,6 +285,7 @@ class RQVAEQuantizer:
         dead_code_threshold: float = 0.1,
         max_train_items: int = 100_000,
         warmup_fraction: float = 0.3,
+        normalize_latent: bool = True,
         device: str = "cpu",
         n_threads: int | None = 1,
         progress: bool = False,
@@ -301,6 +308,7 @@ class RQVAEQuantizer:
         if not 0 <= warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1); got {warmup_fraction}")
         self.warmup_fraction = warmup_fraction
+        self.normalize_latent = normalize_latent
         self.lr = lr
         self.beta = beta
         self.seed = seed
@@ -318,6 +326,8 @@ class RQVAEQuantizer:
     def _fit(self, x_np: np.ndarray) -> "RQVAEQuantizer":
         t0 = time.perf_counter()
         n, d = x_np.shape
+        if n < 2:
+            raise ValueError(f"the RQ-VAE needs at least 2 items to train; got N={n}")
         rng = np.random.default_rng(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         self.device_ = resolve_device(self.device)
@@ -336,7 +346,8 @@ class RQVAEQuantizer:
 
         model = RQVAE(input_dim=d, hidden_dim=self.hidden_dim, latent_dim=self.latent_dim,
                       codebook_sizes=self.codebook_sizes, ema_decay=self.ema_decay,
-                      dead_code_threshold=self.dead_code_threshold, generator=gen).to(dev)
+                      dead_code_threshold=self.dead_code_threshold,
+                      normalize_latent=self.normalize_latent, generator=gen).to(dev)
         opt = torch.optim.Adam(model.parameters(), lr=self.lr)
         n_warmup = round(self.epochs * self.warmup_fraction)
         epochs = range(self.epochs)
@@ -474,26 +485,48 @@ def group_ids(prefix: np.ndarray) -> np.ndarray:
 def balanced_last_codes(groups: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """(N,) group of each item, (N, K) cost of each last-level code -> (N,) int64 codes.
 
-    Within a group, items take distinct codes where they can (each code at most ceil(g/K)
-    items for a group of g) at minimum total cost (Hungarian algorithm); a group whose nearest
-    codes are already distinct keeps them.
+    Within a group of g items each code takes at most ceil(g / K) items (so items take distinct
+    codes while g <= K). The assignment is the item-proposing stable matching (Gale-Shapley with
+    capacities): no item prefers a code that would rather have it than one of its holders, codes
+    preferring cheaper items. Vectorised over all groups, O(N K) memory; groups whose nearest
+    codes are already distinct keep them.
     """
     n, k = cost.shape
     codes = cost.argmin(1).astype(np.int64)
     key = groups * k + codes
     _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
     clashing = np.unique(groups[counts[inv.reshape(-1)] > 1])
-    if clashing.size == 0:
+    items = np.flatnonzero(np.isin(groups, clashing))  # every item of a clashing group
+    if items.size == 0:
         return codes
-    order = np.argsort(groups, kind="stable")
-    sorted_groups = groups[order]
-    starts = np.searchsorted(sorted_groups, clashing, side="left")
-    stops = np.searchsorted(sorted_groups, clashing, side="right")
-    for start, stop in zip(starts, stops):
-        rows = order[start:stop]
-        copies = -(-len(rows) // k)  # ceil: capacity per code
-        r, c = linear_sum_assignment(np.tile(cost[rows].astype(np.float64), (1, copies)))
-        codes[rows[r]] = c % k
+    c = cost[items]  # (m, K)
+    _, group, size = np.unique(groups[items], return_inverse=True, return_counts=True)
+    group = group.reshape(-1)
+    capacity = -(-size // k)  # per group
+    preference = np.argsort(c, axis=1, kind="stable")  # (m, K) codes, cheapest first
+    tried = np.zeros(items.size, dtype=np.int64)  # how many codes each item has proposed to
+    held = np.full(items.size, -1, dtype=np.int64)
+    free = np.arange(items.size)
+    while free.size:
+        proposal = preference[free, tried[free]]
+        tried[free] += 1
+        bins = group[free] * k + proposal
+        holders = np.flatnonzero(held >= 0)
+        holders = holders[np.isin(group[holders] * k + held[holders], bins)]
+        cand = np.concatenate([holders, free])
+        cand_code = np.concatenate([held[holders], proposal])
+        cand_bin = group[cand] * k + cand_code
+        order = np.lexsort((cand, c[cand, cand_code], cand_bin))  # by bin, then cost, then item
+        sorted_bin = cand_bin[order]
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = sorted_bin[1:] != sorted_bin[:-1]
+        start = np.maximum.accumulate(np.where(first, np.arange(order.size), 0))
+        rank = np.arange(order.size) - start  # position within the bin
+        keep = rank < capacity[group[cand[order]]]
+        held[cand[order[keep]]] = cand_code[order[keep]]
+        held[cand[order[~keep]]] = -1
+        free = np.sort(cand[order[~keep]])
+    codes[items] = held
     return codes
 
 

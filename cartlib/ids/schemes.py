@@ -105,7 +105,7 @@ def _rel_error(x: np.ndarray, reconstruct: Callable[[slice], np.ndarray]) -> flo
 class IdentifierModel:
     """Shared fit/transform/extend logic; subclasses supply the prefix before `u`.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier: `u` counts collisions of the semantic prefix
+    CART, Fang et al., ACL 2025, identifier: `u` counts collisions of the semantic prefix
     so that every full identifier is unique (the paper's "prefix database").
     """
 
@@ -137,7 +137,7 @@ class IdentifierModel:
             prefix, err = self._fit_prefix(x)
         self.n_features_in_ = x.shape[1]
         self.reconstruction_rel_error_ = float(err)
-        self._set_codes(prefix, unique_token(prefix))
+        self._set_table(np.column_stack([prefix, unique_token(prefix)]))
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -160,7 +160,7 @@ class IdentifierModel:
     def extend(self, features: object) -> np.ndarray:
         """Encode new items, append them to `codes_` and grow `level_sizes_`; returns their codes."""
         new = self.transform(features)
-        self._set_codes(None, None, appended=new)
+        self._set_table(np.concatenate([self.codes_, new]))
         return new
 
     def health(self) -> dict[str, float]:
@@ -180,12 +180,9 @@ class IdentifierModel:
                              f"D={self.n_features_in_}")
         return x
 
-    def _set_codes(self, prefix: np.ndarray | None, u: np.ndarray | None, *,
-                   appended: np.ndarray | None = None) -> None:
-        if appended is None:
-            self.codes_ = np.column_stack([prefix, u]).astype(np.int64)
-        else:
-            self.codes_ = np.concatenate([self.codes_, appended])
+    def _set_table(self, codes: np.ndarray) -> None:
+        """Store the (N, L) table and what `transform` needs to continue its unique tokens."""
+        self.codes_ = codes.astype(np.int64)
         prefix, u = self.codes_[:, :-1], self.codes_[:, -1]
         self._seen = _prefix_table(prefix, u)
         sizes = tuple(max(a, int(b) + 1) for a, b in zip(self._prefix_sizes(), prefix.max(0)))
@@ -236,7 +233,7 @@ def _fine_codes(enc: Encoding, head: np.ndarray, mode: LastLevel,
 class CartIdentifier(IdentifierModel):
     """CART identifier `(k, v_1..v_M, u)`.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier: K-Means gives the coarse token `k`; an RQ-VAE
+    CART, Fang et al., ACL 2025, identifier: K-Means gives the coarse token `k`; an RQ-VAE
     quantises the residual `x − centroid_k` into `v_1..v_M`; `u` separates colliding items.
     After fit: `cluster_centers_` (K, D), `labels_` (N,), `rqvae_` (fitted RQVAEQuantizer, with
     `history_`), `codes_`, `level_sizes_`, `reconstruction_rel_error_` (centroid + decoded
@@ -261,6 +258,7 @@ class CartIdentifier(IdentifierModel):
         ema_decay: float = 0.95,
         dead_code_threshold: float = 0.1,
         warmup_fraction: float = 0.3,
+        normalize_latent: bool = True,
         max_train_items: int = 100_000,
         minibatch_threshold: int = MINIBATCH_THRESHOLD,
         device: str = "cpu",
@@ -279,7 +277,8 @@ class CartIdentifier(IdentifierModel):
             codebook_sizes=(self.codebook_size,) * self.n_levels, latent_dim=latent_dim,
             hidden_dim=hidden_dim, epochs=epochs, lr=lr, beta=beta, batch_size=batch_size,
             seed=seed, ema_decay=ema_decay, dead_code_threshold=dead_code_threshold,
-            warmup_fraction=warmup_fraction, max_train_items=max_train_items, device=device,
+            warmup_fraction=warmup_fraction, normalize_latent=normalize_latent,
+            max_train_items=max_train_items, device=device,
             n_threads=n_threads, progress=progress,
         )
 
@@ -290,7 +289,9 @@ class CartIdentifier(IdentifierModel):
         km = fit_kmeans(x, n_clusters=self.n_clusters, seed=self.seed,
                         minibatch_threshold=self.minibatch_threshold)
         self.cluster_centers_, self.labels_ = km.centers, km.labels
-        residual = x - km.centers[km.labels]
+        residual = np.empty_like(x)  # (N, D), filled in batches: no (N, D) temporary at 1M
+        for s in range(0, x.shape[0], _BATCH):
+            residual[s:s + _BATCH] = x[s:s + _BATCH] - km.centers[km.labels[s:s + _BATCH]]
         self.rqvae_ = copy.deepcopy(self.rqvae).fit(residual)
         v = _fine_codes(self.rqvae_.encode(residual), km.labels[:, None], self.last_level)
         err = _rel_error(x, lambda rows: km.centers[km.labels[rows]]
@@ -311,7 +312,7 @@ class CartIdentifier(IdentifierModel):
 class RQVAEOnlyIdentifier(IdentifierModel):
     """RQ-VAE on the raw features, no K-Means: `(v_0, v_1..v_M, u)` (TIGER-style semantic IDs).
 
-    CART, Fang et al., ACL 2025, §3.1 identifier, ablation "w/o K-Means". The first RQ level has
+    CART, Fang et al., ACL 2025, identifier, ablation "w/o K-Means". The first RQ level has
     `n_clusters` codes (taking the place of `k`), the next `n_levels` have `codebook_size`, so
     the identifier has CART's shape and the ablation changes only how the codes are learnt.
     """
@@ -334,6 +335,7 @@ class RQVAEOnlyIdentifier(IdentifierModel):
         ema_decay: float = 0.95,
         dead_code_threshold: float = 0.1,
         warmup_fraction: float = 0.3,
+        normalize_latent: bool = True,
         max_train_items: int = 100_000,
         device: str = "cpu",
         n_threads: int | None = 1,
@@ -350,7 +352,8 @@ class RQVAEOnlyIdentifier(IdentifierModel):
             latent_dim=latent_dim, hidden_dim=hidden_dim, epochs=epochs, lr=lr, beta=beta,
             batch_size=batch_size, seed=seed, ema_decay=ema_decay,
             dead_code_threshold=dead_code_threshold, warmup_fraction=warmup_fraction,
-            max_train_items=max_train_items, device=device, n_threads=n_threads,
+            normalize_latent=normalize_latent, max_train_items=max_train_items, device=device,
+            n_threads=n_threads,
             progress=progress,
         )
 
@@ -374,7 +377,7 @@ class RQVAEOnlyIdentifier(IdentifierModel):
 class KMeansUniqueIdentifier(IdentifierModel):
     """`(k, u)`: the coarse K-Means token and the unique token only.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier without the fine RQ-VAE tokens.
+    CART, Fang et al., ACL 2025, identifier without the fine RQ-VAE tokens.
     Reconstruction = the centroid of the item's cluster.
     """
 
@@ -409,7 +412,7 @@ class KMeansUniqueIdentifier(IdentifierModel):
 class HierarchicalKMeansIdentifier(IdentifierModel):
     """DSI-style hierarchical K-Means: `(k, h_1..h_M, u)`.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier, ablation "w/o RQ-VAE" (Tay et al., DSI, 2022):
+    CART, Fang et al., ACL 2025, identifier, ablation "w/o RQ-VAE" (Tay et al., DSI, 2022):
     level 0 clusters all items into `n_clusters`; each further level re-clusters the items of
     each parent node, on the raw features (no residuals), into at most `codebook_size` children.
     A node with no more items than `codebook_size` numbers its items 0..n-1 directly (as DSI
@@ -463,9 +466,10 @@ class HierarchicalKMeansIdentifier(IdentifierModel):
         paths = np.zeros((x.shape[0], 0), dtype=np.int64)
         for level in range(self.n_levels + 1):
             keys, inv = np.unique(paths, axis=0, return_inverse=True)
-            inv = inv.reshape(-1)
+            order = np.argsort(inv.reshape(-1), kind="stable")
+            bounds = np.searchsorted(inv.reshape(-1)[order], np.arange(len(keys) + 1))
             for g, key in enumerate(keys):
-                rows = np.flatnonzero(inv == g)
+                rows = order[bounds[g]:bounds[g + 1]]
                 centers = self.nodes_.get(tuple(int(c) for c in key))
                 # A path unseen at fit time (a leaf reached early) has no children: code 0.
                 codes[rows, level] = 0 if centers is None else nearest_center(x[rows], centers)
@@ -481,7 +485,7 @@ class HierarchicalKMeansIdentifier(IdentifierModel):
 class RandomIdentifier(IdentifierModel):
     """Random codes of CART's shape `(k, v_1..v_M)` + unique token: a control with no semantics.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier shape, codes drawn uniformly at random.
+    CART, Fang et al., ACL 2025, identifier shape, codes drawn uniformly at random.
     Reconstruction = the features' mean (the codes carry no information).
     """
 
@@ -515,7 +519,7 @@ class RandomIdentifier(IdentifierModel):
 class AtomicIdentifier(IdentifierModel):
     """One token per item, a random permutation of 0..N-1 (GRACE's atomic identifiers).
 
-    CART, Fang et al., ACL 2025, §4 baselines (GRACE, Li et al., ACL 2024). A single level of size
+    CART, Fang et al., ACL 2025, baselines (GRACE, Li et al., ACL 2024). A single level of size
     N; it is unique by construction, so there is no separate unique token (`has_unique_token`
     is False). Items added later get N, N+1, … in order. Reconstruction = the features' mean.
     """
@@ -567,6 +571,7 @@ def build_identifier_model(
     ema_decay: float = 0.95,
     dead_code_threshold: float = 0.1,
     warmup_fraction: float = 0.3,
+    normalize_latent: bool = True,
     max_train_items: int = 100_000,
     minibatch_threshold: int = MINIBATCH_THRESHOLD,
     device: str = "cpu",
@@ -586,8 +591,8 @@ def build_identifier_model(
     rq = dict(latent_dim=latent_dim, hidden_dim=hidden_dim, epochs=epochs, lr=lr, beta=beta,
               batch_size=batch_size, seed=seed, ema_decay=ema_decay,
               dead_code_threshold=dead_code_threshold, warmup_fraction=warmup_fraction,
-              max_train_items=max_train_items, device=device, n_threads=n_threads,
-              progress=progress)
+              normalize_latent=normalize_latent, max_train_items=max_train_items, device=device,
+              n_threads=n_threads, progress=progress)
     shape = dict(n_clusters=n_clusters, n_levels=n_levels, codebook_size=codebook_size)
     RQVAEQuantizer(codebook_sizes=(codebook_size,) * n_levels, **rq)  # validates; cheap
     last_level = _last_level(last_level)

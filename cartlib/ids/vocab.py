@@ -14,7 +14,7 @@ _FINGERPRINT_TAG = b"cartlib.ids.vocab/v1"  # bump if the hashed layout ever cha
 class Vocabulary:
     """Decoder vocabulary for identifiers `(k, v_1..v_M, u)`, one token range per level.
 
-    CART, Fang et al., ACL 2025, §3.1 identifier / §3.3 constrained decoding: every level has its
+    CART, Fang et al., ACL 2025, identifier and constrained decoding: every level has its
     own tokens, so a token says both its level and its code, and the prefix tree never confuses
     `k = 3` with `v_1 = 3`.
 
