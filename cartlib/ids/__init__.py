@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "cartlib.ids.health": ["identifier_health"],
     "cartlib.ids.kmeans": ["KMeansFit", "KMeansQuantizer", "check_features", "fit_kmeans"],
-    "cartlib.ids.rqvae": ["RQVAE", "EpochStats", "RQVAEOutput", "RQVAEQuantizer",
-                          "ResidualQuantizer"],
+    "cartlib.ids.rqvae": ["RQVAE", "Encoding", "EpochStats", "LastLevel", "RQVAEOutput",
+                          "RQVAEQuantizer", "ResidualQuantizer"],
     "cartlib.ids.schemes": ["AtomicIdentifier", "CartIdentifier", "HierarchicalKMeansIdentifier",
                             "IdentifierModel", "KMeansUniqueIdentifier", "RandomIdentifier",
                             "RQVAEOnlyIdentifier", "Scheme", "build_identifier_model",
@@ -38,7 +38,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from cartlib.ids.health import identifier_health
     from cartlib.ids.kmeans import KMeansFit, KMeansQuantizer, check_features, fit_kmeans
-    from cartlib.ids.rqvae import RQVAE, EpochStats, RQVAEOutput, RQVAEQuantizer, ResidualQuantizer
+    from cartlib.ids.rqvae import (
+        RQVAE, Encoding, EpochStats, LastLevel, RQVAEOutput, RQVAEQuantizer, ResidualQuantizer,
+    )
     from cartlib.ids.schemes import (
         AtomicIdentifier, CartIdentifier, HierarchicalKMeansIdentifier, IdentifierModel,
         KMeansUniqueIdentifier, RandomIdentifier, RQVAEOnlyIdentifier, Scheme,

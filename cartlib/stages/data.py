@@ -61,16 +61,13 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> DataStage
 
 def _run_real(params: Params, paths: TaskPaths, *, progress: bool) -> DataStageResult:
     """A public dataset from local files (cartlib.data.real), written in the same schema."""
-    from pathlib import Path
-
     from cartlib.data import real
 
     cfg = params.data
     start = time.perf_counter()
-    has_pseudo = (Path(cfg.root) / real.PSEUDO_FILE).is_file()
     summary = real.build_real_dataset(dataset=cfg.dataset, root=cfg.root, task_folder=paths, task=paths.task,
                                       on_missing=cfg.on_missing, max_items=cfg.max_items or None,
-                                      n_captions=None, n_pseudo=cfg.n_pseudo if has_pseudo else 0,
+                                      n_captions=None, n_pseudo=cfg.n_pseudo,
                                       progress=progress)
     dataset = schema.load_dataset(paths.dataset)
     schema.load_qrels(paths.qrels, dataset)
