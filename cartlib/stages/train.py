@@ -111,7 +111,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     if len(pairs.val_texts):
         gallery = codes[train_rows]
         position = pd.Series(np.arange(len(train_rows)), index=train_rows)
-        val = ValidationSet(pairs.val_texts, torch.from_numpy(position[pairs.val_rows].to_numpy()),
+        val = ValidationSet(pairs.val_texts, torch.as_tensor(position[pairs.val_rows].to_numpy().copy()),
                             PrefixIndex.build(gallery, table.vocab.level_sizes), gallery)
     ckpt_dir = paths.models / (out_name.removesuffix(".pt") + "_checkpoints")
     kwargs = dict(tokenizer=tokenizer, texts=pairs.texts, codes=codes[pairs.rows], epochs=cfg.epochs,
