@@ -35,7 +35,8 @@ from cartlib.ids.vocab import Vocabulary
 from cartlib.io import torch_load, torch_save
 from cartlib.model.cart import CartModel, EncoderStates
 
-__all__ = ["ValidationSet", "TrainResult", "train_cart", "cart_loss", "LossParts", "CHECKPOINT_NAME"]
+__all__ = ["ValidationSet", "TrainResult", "train_cart", "cart_loss", "LossParts", "CHECKPOINT_NAME", "EncodedTexts",
+           "length_bucketed_batches"]
 
 CHECKPOINT_NAME = "last.pt"
 _FORMAT = "cartlib.train.cart/v1"
@@ -66,12 +67,18 @@ class LossParts(NamedTuple):
     kl: Tensor
 
 
-def cart_loss(model: CartModel, input_ids: Tensor, attention_mask: Tensor, codes: Tensor, *, consistency_weight: float) -> LossParts:
-    """CE over the identifier tokens + ω · symmetric KL between two dropout passes (R-Drop)."""
+def cart_loss(
+    model: CartModel, input_ids: Tensor | None, attention_mask: Tensor | None, codes: Tensor, *,
+    consistency_weight: float, encoded: EncoderStates | None = None,
+) -> LossParts:
+    """CE over the identifier tokens + ω · symmetric KL between two dropout passes (R-Drop).
+
+    ``encoded``: the (frozen) encoder's states of the batch, computed beforehand; then
+    ``input_ids``/``attention_mask`` are not used."""
     b = codes.shape[0]
     two = consistency_weight > 0
-    if model.freeze_encoder:  # a frozen encoder is deterministic: encode once, decode twice
-        enc = model.encode(input_ids, attention_mask)
+    if encoded is not None or model.freeze_encoder:  # a frozen encoder is deterministic: encode once, decode twice
+        enc = encoded if encoded is not None else model.encode(input_ids, attention_mask)
         if two:
             enc = EncoderStates(enc.layers.repeat(1, 2, 1, 1), enc.mask.repeat(2, 1))
         logits = model.decode(enc, codes.repeat(2, 1) if two else codes).logits
@@ -148,6 +155,9 @@ def train_cart(
     }
     device = model.device
     ids, mask = _tokenize(tokenizer, texts, max_length)  # pretokenised once, (Q, T) on the CPU
+    lengths = mask.sum(1)
+    # a frozen encoder gives every text the same states in every epoch: compute them once
+    states = EncodedTexts.build(model, ids, mask, progress=progress) if model.freeze_encoder else None
     if val is not None:
         val = ValidationSet(*val)
         val_ids, val_mask = _tokenize(tokenizer, val.texts, max_length)
@@ -174,18 +184,18 @@ def train_cart(
     for epoch in epoch_bar:
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(q, generator=torch.Generator().manual_seed(seed + epoch))
+        batches = length_bucketed_batches(lengths, batch_size, seed=seed + epoch)
         sums = torch.zeros(3, dtype=torch.float64)
-        batch_bar = tqdm(range(0, q, batch_size), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
-        for lo in batch_bar:
-            idx = order[lo : lo + batch_size]
-            width = int(mask[idx].sum(1).max())  # trim the batch to its longest text
+        batch_bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+        for idx in batch_bar:
+            width = int(lengths[idx].max())  # trim the batch to its longest text
             parts = cart_loss(
                 model,
                 ids[idx, :width].to(device),
                 mask[idx, :width].to(device),
                 codes[idx].to(device),
                 consistency_weight=consistency_weight,
+                encoded=None if states is None else states.batch(idx, device),
             )
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
@@ -219,6 +229,56 @@ def train_cart(
     epoch_bar.close()
     model.eval()
     return TrainResult(model=model, history=history)
+
+
+class EncodedTexts(NamedTuple):
+    """All S layers' states of every training text, stored once, unpadded, in half precision."""
+
+    flat: Tensor  # (Σ T_i, S, D) float16, text i at rows offsets[i] : offsets[i] + lengths[i]
+    offsets: Tensor  # (Q,)
+    lengths: Tensor  # (Q,)
+
+    @classmethod
+    def build(cls, model: CartModel, ids: Tensor, mask: Tensor, *, batch_size: int = 256, progress: bool = False) -> "EncodedTexts":
+        """Encode ``ids (Q, T)`` in length-sorted batches (little padding)."""
+        from tqdm.auto import tqdm
+
+        lengths = mask.sum(1)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        flat = torch.empty(int(lengths.sum()), model.n_enc_layers, model.d_enc, dtype=torch.float16)
+        order = torch.argsort(lengths, stable=True)
+        with torch.no_grad():
+            for lo in tqdm(range(0, len(order), batch_size), desc="encode texts", leave=False, disable=not progress):
+                idx = order[lo : lo + batch_size]
+                width = int(lengths[idx].max())
+                enc = model.encode(ids[idx, :width].to(model.device), mask[idx, :width].to(model.device))
+                layers = enc.layers.permute(1, 2, 0, 3)[enc.mask].to("cpu", torch.float16)  # (tokens, S, D), row-major by text
+                rows = (offsets[idx, None] + torch.arange(width)).masked_select(mask[idx, :width].bool())
+                flat[rows] = layers
+        return cls(flat, offsets, lengths)
+
+    def batch(self, idx: Tensor, device: torch.device | str) -> EncoderStates:
+        """The states of texts ``idx`` padded to the longest: ``layers (S, B, T, D)`` float32."""
+        width = int(self.lengths[idx].max())
+        pos = torch.arange(width)
+        valid = pos < self.lengths[idx, None]  # (B, T)
+        rows = torch.where(valid, self.offsets[idx, None] + pos, 0)
+        layers = self.flat[rows].to(device, torch.float32).permute(2, 0, 1, 3)  # (S, B, T, D)
+        return EncoderStates(layers * valid.to(device)[None, :, :, None], valid.to(device))
+
+
+def length_bucketed_batches(lengths: Tensor, batch_size: int, *, seed: int, window: int = 50) -> list[Tensor]:
+    """Shuffled batches of texts of similar length (less padding): a random permutation is cut
+    into windows of ``window`` batches, each sorted by length and split into batches, and the
+    batches are shuffled. Deterministic in ``seed``; every text appears exactly once."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g)
+    batches = []
+    for lo in range(0, len(order), batch_size * window):
+        chunk = order[lo : lo + batch_size * window]
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches += list(chunk.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cartlib.model.fusion import CoarseToFineFusion, CrossAttention, FusionMode
+from cartlib.model.fusion import CoarseToFineFusion, CrossAttention, EncoderLayers, FusionMode
 
 B, TQ, T, S, D, D_ENC, H = 3, 4, 6, 3, 32, 24, 4
 
@@ -134,3 +134,21 @@ def test_wrong_layer_count_raises() -> None:
     _, layers, mask = inputs()
     with pytest.raises(ValueError, match="encoder layers"):
         fusion(FusionMode.TWO_BRANCH).memory(layers[:2], mask)
+
+
+@pytest.mark.parametrize("mode", list(FusionMode))
+def test_absorbed_form_equals_precomputed_keys_values_with_gradients(mode: FusionMode) -> None:
+    """The training path (keys/values never formed) gives the memory path's outputs and gradients."""
+    f = fusion(mode)
+    y, layers, mask = inputs()
+    y.requires_grad_(True)
+    params = [p for p in f.parameters()] + [y]
+    out_mem = f(y, f.memory(layers, mask))
+    out_dir = f(y, EncoderLayers(layers, mask[:, None, None, :]))
+    torch.testing.assert_close(out_dir, out_mem, atol=1e-5, rtol=1e-5)
+    g_mem = torch.autograd.grad(out_mem.square().sum(), params, allow_unused=True)
+    g_dir = torch.autograd.grad(out_dir.square().sum(), params, allow_unused=True)
+    for (name, p), a, b in zip(list(f.named_parameters()) + [("y", y)], g_mem, g_dir):
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b  # a key bias never changes the softmax: zero gradient
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 from cartlib.decode import constrained_beam_search
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.model.cart import CartModel
-from cartlib.train import CHECKPOINT_NAME, ValidationSet, cart_loss, train_cart
+from cartlib.train import CHECKPOINT_NAME, EncodedTexts, ValidationSet, cart_loss, length_bucketed_batches, train_cart
 
 COLOURS = ["red", "blue", "green", "yellow", "black"]
 SHAPES = ["circle", "square", "star", "triangle"]
@@ -140,3 +140,29 @@ def test_bad_inputs_raise() -> None:
         train_cart(tiny_model(), texts=TEXTS[:2], codes=torch.tensor([[0, 0, 5], [0, 0, 0]]), **kwargs)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         train_cart(tiny_model(), texts=TEXTS[:2], codes=CODES[:2], resume=True, **kwargs)
+
+
+def test_length_bucketed_batches_cover_every_text_once_and_are_deterministic() -> None:
+    lengths = torch.randint(3, 40, (1000,), generator=torch.Generator().manual_seed(0))
+    batches = length_bucketed_batches(lengths, 32, seed=7, window=4)
+    assert sorted(torch.cat(batches).tolist()) == list(range(1000))
+    assert all(len(b) <= 32 for b in batches)
+    again = length_bucketed_batches(lengths, 32, seed=7, window=4)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    # bucketing pays: less padding than random batches of the same size
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    random_pad = sum(int(lengths[b].max()) * len(b) for b in torch.randperm(1000).split(32))
+    assert padded < random_pad
+
+
+def test_cached_encoder_states_match_encoding_the_batch() -> None:
+    model = tiny_model().eval()
+    enc = tokenizer()(TEXTS + ["a much longer text about a red circle and a blue square"], padding=True, return_tensors="pt")
+    states = EncodedTexts.build(model, enc["input_ids"], enc["attention_mask"], batch_size=4)
+    idx = torch.tensor([20, 3, 11])
+    got = states.batch(idx, "cpu")
+    width = int(enc["attention_mask"][idx].sum(1).max())
+    ref = model.encode(enc["input_ids"][idx, :width], enc["attention_mask"][idx, :width])
+    assert torch.equal(got.mask, ref.mask)
+    want = ref.layers * ref.mask[None, :, :, None]
+    torch.testing.assert_close(got.layers, want, atol=2e-3, rtol=2e-3)  # stored in float16

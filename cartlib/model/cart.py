@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cartlib.ids.vocab import Vocabulary
-from cartlib.model.fusion import CoarseToFineFusion, FusionMemory, FusionMode
+from cartlib.model.fusion import CoarseToFineFusion, EncoderLayers, FusionMemory, FusionMode
 
 __all__ = [
     "CartModel",
@@ -66,7 +66,7 @@ class CartOutput(NamedTuple):
 class DecoderMemory(NamedTuple):
     """Encoder side of every decoder layer's fusion block, computed once per query."""
 
-    layers: tuple[FusionMemory, ...]  # one per decoder layer
+    layers: tuple[FusionMemory | EncoderLayers, ...]  # one per decoder layer
 
 
 class DecoderCache(NamedTuple):
@@ -241,14 +241,22 @@ class CartModel(nn.Module):
 
     def decode(self, encoded: EncoderStates, codes: Tensor, memory: DecoderMemory | None = None) -> CartOutput:
         """Teacher forcing: ``codes (B, L)`` -> logits ``(B, K_l)`` per level, or ``codes (B, G, L)``
-        (G identifiers per query, e.g. every candidate for exhaustive scoring) -> ``(B, G, K_l)``."""
+        (G identifiers per query, e.g. every candidate for exhaustive scoring) -> ``(B, G, K_l)``.
+
+        Without ``memory``, one identifier per query (training) attends to the encoder layers in
+        the absorbed form (:class:`cartlib.model.fusion.EncoderLayers`, cheaper when L < T);
+        otherwise the encoder-side keys/values are formed once and shared by the G identifiers."""
         grouped = codes.dim() == 3
         if not grouped:
             codes = codes[:, None, :]
         b, g, depth = codes.shape
         if depth != self.depth:
             raise ValueError(f"codes have L={depth} levels, the model {self.depth}")
-        memory = self.memory(encoded) if memory is None else memory
+        if memory is None and g == 1:
+            direct = EncoderLayers(encoded.layers, encoded.mask.bool()[:, None, None, :])
+            memory = DecoderMemory((direct,) * len(self.layers))
+        elif memory is None:
+            memory = self.memory(encoded)
         # inputs: BOS, then the token of c_0 .. c_{L-2}
         offsets = torch.tensor(self.offsets, device=codes.device)
         tokens = torch.cat(

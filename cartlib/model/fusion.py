@@ -22,6 +22,13 @@ Every cross-attention has its encoder-side keys/values precomputed once per quer
 :meth:`CoarseToFineFusion.memory`; :meth:`CoarseToFineFusion.forward` then only projects the
 decoder queries. Cross-attention treats query positions independently, so the queries of all beams
 of one input can share its memory as one query sequence ``(B, beams, D)``: no copy per beam.
+
+Training has the opposite shape: few decoder positions (the L identifier tokens) per query and
+many encoder tokens (T ≈ 25) in S + 1 memories, so projecting every encoder token to keys and
+values dominates the cost. :class:`EncoderLayers` selects the *absorbed* form instead, exact
+because the projections are linear: ``q·(W_k e + b_k) = (W_kᵀ q)·e + const`` (the constant
+cancels in the softmax) and ``Σ_t p_t (W_v e_t + b_v) = W_v (Σ_t p_t e_t) + b_v Σ_t p_t``; the keys
+and values are never formed, and the cost scales with the decoder positions, not with T.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FusionMode", "KV", "FusionMemory", "CrossAttention", "LayerExperts", "CoarseToFineFusion"]
+__all__ = ["FusionMode", "KV", "FusionMemory", "EncoderLayers", "CrossAttention", "LayerExperts", "CoarseToFineFusion"]
 
 
 class FusionMode(Enum):
@@ -59,6 +66,34 @@ class FusionMemory(NamedTuple):
     fine: KV | None
     last: KV | None
     mask: Tensor  # (B, 1, 1, T) bool, True = real token (attend)
+
+
+class EncoderLayers(NamedTuple):
+    """Raw encoder layers as a fusion block's memory: selects the absorbed attention (training)."""
+
+    layers: Tensor  # (S, B, T, D_enc)
+    mask: Tensor  # (B, 1, 1, T) bool, True = real token (attend)
+
+
+def _absorbed_attention(
+    q: Tensor, x: Tensor, mask: Tensor, w_k: Tensor, w_v: Tensor, b_v: Tensor, dropout: float
+) -> Tensor:
+    """Attention of queries ``q (S, N, H, Tq, Dh)`` over ``x (S, N, T, E)`` (S independent
+    attentions, e.g. one per encoder layer) with keys ``W_k,sh x`` and values ``W_v,sh x + b_v,sh``
+    never formed (module docstring); ``w_k``, ``w_v`` ``(S, H, Dh, E)``, ``b_v (S, H, Dh)``, ``mask
+    (N, 1, 1, T)``. The key bias is left out: it adds a constant per query row, which the softmax
+    cancels. Returns ``(S, N, H, Tq, Dh)``."""
+    s, n, h, tq, dh = q.shape
+    qk = torch.einsum("snhqd,shde->snhqe", q, w_k).reshape(s * n, h * tq, -1)  # W_kᵀ q
+    xs = x.reshape(s * n, x.shape[2], -1)
+    scores = torch.bmm(qk, xs.transpose(1, 2)).view(s, n, h * tq, -1) / math.sqrt(dh)  # (S, N, H*Tq, T)
+    scores = scores.masked_fill(~mask.view(1, n, 1, -1), float("-inf"))
+    p = torch.softmax(scores, -1)
+    if dropout > 0:
+        p = F.dropout(p, dropout)
+    ctx = torch.bmm(p.view(s * n, h * tq, -1), xs).view(s, n, h, tq, -1)  # Σ_t p_t e_t
+    out = torch.einsum("snhqe,shde->snhqd", ctx, w_v)
+    return out + p.sum(-1).view(s, n, h, tq, 1) * b_v[:, None, :, None, :]
 
 
 def _split_heads(x: Tensor, n_heads: int) -> Tensor:
@@ -104,6 +139,19 @@ class CrossAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         h = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, dropout_p=p)
         return self.out_proj(_merge_heads(h))
+
+    def direct(self, y: Tensor, e: Tensor, mask: Tensor, pre: nn.Linear | None = None) -> Tensor:
+        """Same as ``forward(y, memory(pre(e)))`` without forming keys/values (absorbed form);
+        ``pre``: a linear map applied to ``e`` first (the coarse branch's projection), folded in."""
+        h = self.n_heads
+        w_k, w_v, b_v = self.k_proj.weight, self.v_proj.weight, self.v_proj.bias
+        if pre is not None:  # W_k (W_z e + b_z) + b_k: weights W_k W_z; the key bias cancels anyway
+            w_k, w_v, b_v = w_k @ pre.weight, w_v @ pre.weight, w_v @ pre.bias + b_v
+        d = w_k.shape[0]
+        q = _split_heads(self.q_proj(y), h)[None]
+        out = _absorbed_attention(q, e[None], mask, w_k.view(1, h, d // h, -1), w_v.view(1, h, d // h, -1),
+                                  b_v.view(1, h, -1), self.dropout if self.training else 0.0)
+        return self.out_proj(_merge_heads(out[0]))
 
 
 class LayerExperts(nn.Module):
@@ -156,6 +204,24 @@ class LayerExperts(nn.Module):
         q = _split_heads(q, s * self.n_heads)  # (B, S*H, Tq, Dh)
         p = self.dropout if self.training else 0.0
         att = _merge_heads(F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, dropout_p=p))
+        return self._mix(att)
+
+    def direct(self, y: Tensor, layers: Tensor, mask: Tensor) -> Tensor:
+        """Same as ``forward(y, memory(layers))`` in the absorbed form; ``layers (S, B, T, D_kv)``."""
+        s, d = self.q_bias.shape
+        b, tq, _ = y.shape
+        h = self.n_heads
+        q = F.linear(y, self.q_weight.reshape(s * d, d), self.q_bias.reshape(s * d))  # (B, Tq, S*D)
+        q = q.view(b, tq, s, h, d // h).permute(2, 0, 3, 1, 4)  # (S, B, H, Tq, Dh)
+        out = _absorbed_attention(q, layers, mask, self.k_weight.view(s, h, d // h, -1),
+                                  self.v_weight.view(s, h, d // h, -1), self.v_bias.view(s, h, -1),
+                                  self.dropout if self.training else 0.0)
+        att = out.permute(1, 3, 0, 2, 4).reshape(b, tq, s * d)  # (B, Tq, S*H*Dh), expert-major like forward
+        return self._mix(att)
+
+    def _mix(self, att: Tensor) -> Tensor:
+        """Σ_i α_i ⊙ (W_o,i h_i + b_o,i) for ``att (B, Tq, S*D)`` -> ``(B, Tq, D)``."""
+        s, d = self.q_bias.shape
         alpha = self.alpha()  # (S, D)
         w = (alpha[:, :, None] * self.o_weight).permute(1, 0, 2).reshape(d, s * d)  # (D, S*D)
         return F.linear(att, w, (alpha * self.o_bias).sum(0))  # (B, Tq, D)
@@ -218,8 +284,11 @@ class CoarseToFineFusion(nn.Module):
             last = self.last_attn.memory(layers[-1])
         return FusionMemory(coarse=coarse, fine=fine, last=last, mask=mask.bool()[:, None, None, :])
 
-    def forward(self, y: Tensor, memory: FusionMemory) -> Tensor:
-        """``y (B, Tq, D)`` decoder states -> ``(B, Tq, D)``."""
+    def forward(self, y: Tensor, memory: FusionMemory | EncoderLayers) -> Tensor:
+        """``y (B, Tq, D)`` decoder states -> ``(B, Tq, D)``; an :class:`EncoderLayers` memory
+        selects the absorbed form (same result, cheaper when Tq is small)."""
+        if isinstance(memory, EncoderLayers):
+            return self._direct(y, memory.layers, memory.mask)
         if self.last_attn is not None:
             return self.last_attn(y, memory.last, memory.mask)
         out = None
@@ -228,5 +297,20 @@ class CoarseToFineFusion(nn.Module):
             out = torch.sigmoid(self.coarse_gate(a)) * a  # self-gated sigmoid
         if self.fine is not None:
             f = self.fine(y, memory.fine, memory.mask)
+            out = f if out is None else out + f
+        return out
+
+    def _direct(self, y: Tensor, layers: Tensor, mask: Tensor) -> Tensor:
+        s, b, t, d_enc = layers.shape
+        if s != self.n_enc_layers:
+            raise ValueError(f"fusion was built for S={self.n_enc_layers} encoder layers, got {s}")
+        if self.last_attn is not None:
+            return self.last_attn.direct(y, layers[-1], mask)
+        out = None
+        if self.coarse_attn is not None:
+            a = self.coarse_attn.direct(y, layers.permute(1, 2, 0, 3).reshape(b, t, s * d_enc), mask, pre=self.coarse_proj)
+            out = torch.sigmoid(self.coarse_gate(a)) * a
+        if self.fine is not None:
+            f = self.fine.direct(y, layers, mask)
             out = f if out is None else out + f
         return out
