@@ -100,6 +100,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_length: int = 48  # tokens per query (captions are ~25 tokens)
     n_val_items: int = 300  # train items whose last reference caption is held out for validation recall
+    refs_per_item: int = 0  # reference captions per train item used for training (0 = all); fewer = faster
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,8 @@ def _check_train_eval(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.d_model: {obj.d_model} is not divisible by n_heads={obj.n_heads}")
         if obj.consistency_weight < 0:
             raise ConfigError(f"{where}.consistency_weight: must be ≥ 0, got {obj.consistency_weight}")
+        if obj.refs_per_item < 0:
+            raise ConfigError(f"{where}.refs_per_item: must be ≥ 0 (0 = all), got {obj.refs_per_item}")
     if isinstance(obj, EvaluateConfig):
         if obj.beam < 1 or obj.top_k < 1 or obj.batch_size < 1:
             raise ConfigError(f"{where}: beam, top_k and batch_size must be ≥ 1")

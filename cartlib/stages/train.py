@@ -37,11 +37,13 @@ class TrainStageResult(NamedTuple):
     mlflow_run_id: str | None
 
 
-def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, n_val_items: int, seed: int) -> TrainingPairs:
+def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, n_val_items: int, seed: int,
+                   refs_per_item: int = 0) -> TrainingPairs:
     """Train queries → their item; pseudo-captions of all items (train and test galleries) → their item.
 
     Test reference captions (the test queries) are never used. The last reference caption of
-    `n_val_items` random train items is held out for validation recall.
+    `n_val_items` random train items is held out for validation recall. `refs_per_item` > 0 keeps
+    only the first that many (non-held-out) reference captions of each train item.
     """
     row_of = pd.Series(np.arange(len(dataset.items)), index=dataset.items["item_id"].to_numpy())
     caps = dataset.captions
@@ -52,6 +54,8 @@ def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, n_val_
     last = refs.groupby("item_id", sort=False)["caption_id"].transform("last")
     held = (refs["caption_id"] == last) & refs["item_id"].isin(val_items) & (refs.groupby("item_id")["caption_id"].transform("size") > 1)
     train = refs[~held]
+    if refs_per_item > 0:
+        train = train[train.groupby("item_id", sort=False).cumcount() < refs_per_item]
     if caption_enhancement:
         train = pd.concat([train, caps[caps["kind"] == "pseudo"]])
     val = refs[held]
@@ -101,7 +105,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     table = load_identifiers(paths.data / "identifiers", scheme or params.identifiers.scheme,
                              item_ids=dataset.items["item_id"].to_numpy())
     pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, n_val_items=cfg.n_val_items,
-                           seed=params.base.seed)
+                           seed=params.base.seed, refs_per_item=cfg.refs_per_item)
     torch.manual_seed(params.base.seed)
     tokenizer, model = build_model(cfg, table.vocab.level_sizes)
     model = model.to(device)
