@@ -1,10 +1,16 @@
-"""`cart-stage STAGE --task TASK`: run one pipeline stage's notebook through papermill.
+"""`cart-stage STAGE [--task TASK] [--variant NAME]`: run one pipeline stage's notebook through papermill.
 
 This is the command every DVC stage calls. It validates params.yaml and the task first (a clear
 error before any expensive work), then executes `notebooks/NN_<stage>.ipynb` with the injected
-*where* parameters (task, repository root) and writes the executed notebook to
-`results/<stage>/<task>/NN_<stage>.ipynb` (via a temp file, renamed when the run succeeded).
-Hyperparameters are never injected: they come from params.yaml alone, so DVC tracks them.
+*where* parameters (task, variant, repository root) and writes the executed notebook to
+`results/<stage>/<task>[/<variant>]/NN_<stage>.ipynb` (`results/<stage>/` for the stages that
+span all tasks) via a temp file, renamed when the run succeeded. Hyperparameters are never
+injected: they come from params.yaml alone, so DVC tracks them.
+
+Per-task stages: data, features, identifiers, train, evaluate, baselines, tsne, compare (with
+`--variant SCHEME`: the same generative model on another identifier scheme). Ablation rows:
+`ablations --variant ROW` (a row of params.yaml `ablations.rows`). Whole-suite stages: throughput,
+report.
 """
 from __future__ import annotations
 
@@ -19,31 +25,51 @@ STAGES = {
     "identifiers": "03_identifiers.ipynb",
     "train": "04_train.ipynb",
     "evaluate": "05_evaluate.ipynb",
+    "baselines": "05b_baselines.ipynb",
+    "compare": "05c_compare.ipynb",
+    "ablations": "06_ablations.ipynb",
+    "tsne": "07_tsne.ipynb",
+    "throughput": "08_throughput.ipynb",
+    "report": "09_report.ipynb",
 }
+TASK_STAGES = {"data", "features", "identifiers", "train", "evaluate", "baselines", "compare", "tsne"}
+VARIANT_STAGES = {"compare", "ablations"}  # need --variant
 
 
 def notebook_for(stage: str, root: Path) -> Path:
     return root / "notebooks" / STAGES[stage]
 
 
-def run_stage(stage: str, task: str, *, root: str | os.PathLike = ".", params_file: str = "params.yaml",
-              log_output: bool = False) -> Path:
+def run_stage(stage: str, task: str | None = None, *, variant: str | None = None, root: str | os.PathLike = ".",
+              params_file: str = "params.yaml", log_output: bool = False) -> Path:
     from cartlib import io
-    from cartlib.config import check_task, load_params
+    from cartlib.config import ConfigError, check_task, load_params
 
     root = Path(root).resolve()
     if stage not in STAGES:
         raise SystemExit(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
     params = load_params(root / params_file)  # strict: unknown keys raise here
-    check_task(task, params)
+    if stage in TASK_STAGES:
+        if not task:
+            raise ConfigError(f"stage {stage!r} needs --task (one of {list(params.base.tasks)})")
+        check_task(task, params)
+    elif task:
+        raise ConfigError(f"stage {stage!r} spans all tasks; it takes no --task (got {task!r})")
+    if stage in VARIANT_STAGES:
+        if not variant:
+            raise ConfigError(f"stage {stage!r} needs --variant")
+        _check_variant(stage, variant, params)
+    elif variant:
+        raise ConfigError(f"stage {stage!r} takes no --variant (got {variant!r})")
     import papermill as pm  # imported after validation: a bad params.yaml fails in well under a second
 
-    out = root / "results" / stage / task / STAGES[stage]
+    where = task or (params.ablations.task if stage == "ablations" else "")
+    out = root / "results" / stage / where / (variant or "") / STAGES[stage]
     failed = out.with_suffix(".failed.ipynb")
     with io.atomic_path(out) as tmp:
         try:
             pm.execute_notebook(str(notebook_for(stage, root)), str(tmp),
-                                parameters={"task": task, "root": str(root)}, kernel_name="python3",
+                                parameters={"task": task or "", "root": str(root), **({"variant": variant} if variant else {})}, kernel_name="python3",
                                 cwd=str(root), log_output=log_output, progress_bar=False)
         except pm.PapermillExecutionError:
             # keep the traceback for the reader, under a name that cannot pass for a result
@@ -53,11 +79,22 @@ def run_stage(stage: str, task: str, *, root: str | os.PathLike = ".", params_fi
     return out
 
 
+def _check_variant(stage: str, variant: str, params) -> None:
+    from cartlib.config import SCHEMES, ConfigError
+
+    if stage == "compare" and variant not in SCHEMES:
+        raise ConfigError(f"compare --variant {variant!r}: expected an identifier scheme, one of {sorted(SCHEMES)}")
+    if stage == "ablations" and variant not in params.ablations.rows:
+        raise ConfigError(f"ablations --variant {variant!r}: not a row of params.yaml ablations.rows "
+                          f"(rows: {sorted(params.ablations.rows)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cart-stage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=sorted(STAGES), help="pipeline stage to run")
-    parser.add_argument("--task", required=True, help="image, audio or video")
+    parser.add_argument("--task", help="image, audio or video (per-task stages)")
+    parser.add_argument("--variant", help="identifier scheme (compare) or ablation row (ablations)")
     parser.add_argument("--root", default=".", help="repository root (default: current folder)")
     parser.add_argument("--params", default="params.yaml", help="params file relative to the root")
     parser.add_argument("--log-output", action="store_true", help="stream the notebook's output")
@@ -66,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from cartlib.config import ConfigError
 
     try:
-        path = run_stage(args.stage, args.task, root=args.root, params_file=args.params, log_output=args.log_output)
+        path = run_stage(args.stage, args.task, variant=args.variant, root=args.root, params_file=args.params, log_output=args.log_output)
     except ConfigError as e:
         print(f"cart-stage: {e}", file=sys.stderr)
         return 2

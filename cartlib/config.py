@@ -101,6 +101,7 @@ class TrainConfig:
     max_length: int = 48  # tokens per query (captions are ~25 tokens)
     n_val_items: int = 300  # train items whose last reference caption is held out for validation recall
     refs_per_item: int = 0  # reference captions per train item used for training (0 = all); fewer = faster
+    max_train_items: int = 0  # train items used (0 = all; the test gallery's pseudo-captions always are)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,59 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """The cheaper schedule of the main table's generative rows and of every ablation row."""
+
+    tasks: tuple[str, ...] = ("image",)  # tasks with generative comparison rows (each row is a training run)
+    schemes: tuple[str, ...] = ("cart", "atomic", "hierarchical_kmeans", "rqvae_only")
+    epochs: int = 3
+    max_train_items: int = 1000  # train items used (first reference caption + pseudo-captions) + the test gallery
+    refs_per_item: int = 1
+    n_queries: int = 1000  # test queries scored per row (0 = all), the same ones for every row
+
+
+@dataclass(frozen=True)
+class AblationsConfig:
+    task: str = "image"  # the paper ablates on Flickr30K (image) alone
+    # row name -> overrides of the identifiers / train / evaluate sections (on the compare schedule)
+    rows: dict = field(default_factory=lambda: {"full": {}})
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    """Non-generative rows of the main table (FAISS on the dual-tower features; pseudo-caption matching)."""
+
+    ivf_nlist: int = 32  # IVF cells (≈ √N for a 1K gallery)
+    ivf_nprobe: int = 4
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 64
+    fusion_weight: float = 0.5  # score = w · dual-tower + (1 − w) · pseudo-caption similarity
+    repeats: int = 5  # timing repeats (median)
+
+
+@dataclass(frozen=True)
+class TsneConfig:
+    task: str = "image"
+    n_items: int = 1000  # test-gallery items plotted
+    perplexity: float = 30.0
+    n_top_clusters: int = 8  # coarse clusters coloured (the rest grey)
+
+
+@dataclass(frozen=True)
+class ThroughputConfig:
+    """Figure 4 analogue: queries/s of CART decoding vs dual-tower and FAISS search as the gallery grows."""
+
+    task: str = "image"  # whose trained decoder, identifier model and features seed the galleries
+    sizes: tuple[int, ...] = (1000, 10000, 100000, 1000000)  # candidates per gallery
+    batch_sizes: tuple[int, ...] = (1, 100, 1024)
+    beam: int = 10
+    top_k: int = 10
+    repeats: int = 3  # timed repeats after one warm-up; the median is reported
+    hnsw_max_candidates: int = 100000  # HNSW is built up to this size (its build is slow on 2 cores)
+    max_batch_seconds: float = 30.0  # skip a (system, size, batch) whose warm-up batch takes longer
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -118,6 +172,11 @@ class Params:
     identifiers: IdentifiersConfig = field(default_factory=IdentifiersConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    ablations: AblationsConfig = field(default_factory=AblationsConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    tsne: TsneConfig = field(default_factory=TsneConfig)
+    throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
     source: str = "<defaults>"  # where these were loaded from (for error messages)
 
     @property
@@ -132,7 +191,13 @@ SECTIONS: dict[str, type] = {
     "identifiers": IdentifiersConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "compare": CompareConfig,
+    "ablations": AblationsConfig,
+    "baselines": BaselinesConfig,
+    "tsne": TsneConfig,
+    "throughput": ThroughputConfig,
 }
+OVERRIDABLE = ("identifiers", "train", "evaluate")  # sections an ablation row may override
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -168,7 +233,24 @@ def params_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Params:
             name: _section(cls, {**(raw.get(name) or {}), **(smoke_overrides.get(name) or {})}, f"{source}: {name}")
             for name, cls in SECTIONS.items()
         }
-    return Params(**sections, source=source)
+    params = Params(**sections, source=source)
+    for name, row in params.ablations.rows.items():  # every row must be a valid override, before any work
+        with_overrides(params, row, where=f"{source}: ablations.rows.{name}")
+    return params
+
+
+def with_overrides(params: Params, overrides: Any, *, where: str = "overrides") -> Params:
+    """``params`` with ``{section: {key: value}}`` overrides applied (typed and range-checked)."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: expected a mapping of section overrides, got {overrides!r}")
+    bad = set(overrides) - set(OVERRIDABLE)
+    if bad:
+        raise ConfigError(f"{where}: cannot override section(s) {sorted(bad)}; allowed: {list(OVERRIDABLE)}")
+    changed = {}
+    for name, over in overrides.items():
+        current = dataclasses.asdict(getattr(params, name))
+        changed[name] = _section(SECTIONS[name], {**current, **(over or {})}, f"{where}.{name}")
+    return dataclasses.replace(params, **changed)
 
 
 def _section(cls: type, values: Any, where: str):
@@ -267,8 +349,40 @@ def _check_train_eval(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.d_model: {obj.d_model} is not divisible by n_heads={obj.n_heads}")
         if obj.consistency_weight < 0:
             raise ConfigError(f"{where}.consistency_weight: must be ≥ 0, got {obj.consistency_weight}")
-        if obj.refs_per_item < 0:
-            raise ConfigError(f"{where}.refs_per_item: must be ≥ 0 (0 = all), got {obj.refs_per_item}")
+        for name in ("refs_per_item", "max_train_items"):
+            if getattr(obj, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be ≥ 0 (0 = all), got {getattr(obj, name)}")
+    if isinstance(obj, CompareConfig):
+        bad = [x for x in obj.schemes if x not in SCHEMES]
+        if bad:
+            raise ConfigError(f"{where}.schemes: unknown scheme(s) {bad}; expected {list(SCHEMES)}")
+        if [t for t in obj.tasks if t not in TASKS]:
+            raise ConfigError(f"{where}.tasks: expected tasks from {list(TASKS)}, got {list(obj.tasks)}")
+        if obj.epochs < 1 or obj.refs_per_item < 0 or obj.max_train_items < 0 or obj.n_queries < 0:
+            raise ConfigError(f"{where}: epochs must be ≥ 1; refs_per_item, max_train_items, n_queries ≥ 0")
+    if isinstance(obj, AblationsConfig):
+        if obj.task not in TASKS:
+            raise ConfigError(f"{where}.task: {obj.task!r} is not one of {list(TASKS)}")
+        if not isinstance(obj.rows, dict) or not obj.rows:
+            raise ConfigError(f"{where}.rows: expected a non-empty mapping of row name -> overrides")
+    if isinstance(obj, TsneConfig):
+        if obj.task not in TASKS:
+            raise ConfigError(f"{where}.task: {obj.task!r} is not one of {list(TASKS)}")
+        if obj.n_items < 10 or obj.perplexity <= 0 or obj.n_top_clusters < 1:
+            raise ConfigError(f"{where}: n_items ≥ 10, perplexity > 0, n_top_clusters ≥ 1")
+    if isinstance(obj, ThroughputConfig):
+        if obj.task not in TASKS:
+            raise ConfigError(f"{where}.task: {obj.task!r} is not one of {list(TASKS)}")
+        if not obj.sizes or min(obj.sizes) < 1 or not obj.batch_sizes or min(obj.batch_sizes) < 1:
+            raise ConfigError(f"{where}: sizes and batch_sizes must be non-empty lists of integers ≥ 1")
+        if obj.beam < 1 or obj.top_k < 1 or obj.top_k > obj.beam or obj.repeats < 1:
+            raise ConfigError(f"{where}: need beam ≥ 1, 1 ≤ top_k ≤ beam, repeats ≥ 1")
+    if isinstance(obj, BaselinesConfig):
+        if not 0.0 <= obj.fusion_weight <= 1.0:
+            raise ConfigError(f"{where}.fusion_weight: must be in [0, 1], got {obj.fusion_weight}")
+        for name in ("ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_search", "repeats"):
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(obj, name)}")
     if isinstance(obj, EvaluateConfig):
         if obj.beam < 1 or obj.top_k < 1 or obj.batch_size < 1:
             raise ConfigError(f"{where}: beam, top_k and batch_size must be ≥ 1")

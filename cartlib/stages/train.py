@@ -38,12 +38,14 @@ class TrainStageResult(NamedTuple):
 
 
 def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, n_val_items: int, seed: int,
-                   refs_per_item: int = 0) -> TrainingPairs:
+                   refs_per_item: int = 0, max_train_items: int = 0) -> TrainingPairs:
     """Train queries → their item; pseudo-captions of all items (train and test galleries) → their item.
 
     Test reference captions (the test queries) are never used. The last reference caption of
     `n_val_items` random train items is held out for validation recall. `refs_per_item` > 0 keeps
-    only the first that many (non-held-out) reference captions of each train item.
+    only the first that many (non-held-out) reference captions of each train item;
+    `max_train_items` > 0 keeps that many random train items only (their reference captions and
+    pseudo-captions; the test gallery's pseudo-captions are always all kept).
     """
     row_of = pd.Series(np.arange(len(dataset.items)), index=dataset.items["item_id"].to_numpy())
     caps = dataset.captions
@@ -54,10 +56,15 @@ def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, n_val_
     last = refs.groupby("item_id", sort=False)["caption_id"].transform("last")
     held = (refs["caption_id"] == last) & refs["item_id"].isin(val_items) & (refs.groupby("item_id")["caption_id"].transform("size") > 1)
     train = refs[~held]
+    pseudo = caps[caps["kind"] == "pseudo"]
+    if max_train_items > 0:  # a subset of the train gallery; the test gallery is always kept whole
+        keep = set(rng.choice(train_ids, size=min(max_train_items, len(train_ids)), replace=False))
+        train = train[train["item_id"].isin(keep)]
+        pseudo = pseudo[pseudo["item_id"].isin(keep) | ~pseudo["item_id"].isin(set(train_ids))]
     if refs_per_item > 0:
         train = train[train.groupby("item_id", sort=False).cumcount() < refs_per_item]
     if caption_enhancement:
-        train = pd.concat([train, caps[caps["kind"] == "pseudo"]])
+        train = pd.concat([train, pseudo])
     val = refs[held]
     return TrainingPairs(train["text"].tolist(), row_of[train["item_id"]].to_numpy(), train["kind"].to_numpy(),
                          val["text"].tolist(), row_of[val["item_id"]].to_numpy())
@@ -105,7 +112,8 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     table = load_identifiers(paths.data / "identifiers", scheme or params.identifiers.scheme,
                              item_ids=dataset.items["item_id"].to_numpy())
     pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, n_val_items=cfg.n_val_items,
-                           seed=params.base.seed, refs_per_item=cfg.refs_per_item)
+                           seed=params.base.seed, refs_per_item=cfg.refs_per_item,
+                           max_train_items=cfg.max_train_items)
     torch.manual_seed(params.base.seed)
     tokenizer, model = build_model(cfg, table.vocab.level_sizes)
     model = model.to(device)

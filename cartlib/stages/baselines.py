@@ -1,0 +1,151 @@
+"""Stage `baselines`: the non-generative rows of the main table, on the same test queries.
+
+- **Dual-tower, exact** (torch matrix product) and **FAISS** ``IndexFlatIP`` (exact), ``IndexIVFFlat``
+  and ``IndexHNSWFlat`` (approximate) on the `features` stage's vectors: recall against the qrels,
+  recall against exact search, and their own queries/s (median of repeats, one batch of all
+  queries, this machine).
+- **Pseudo-caption matching**, the honest counterpart of caption enhancement: CART is trained on
+  every gallery item's pseudo-captions, so a retriever without generation may use them too. Each
+  test query is matched against each item's pseudo-captions with the bundled MiniLM (mean-pooled,
+  no training; the item's score is its best pseudo-caption's cosine), alone and fused with the
+  dual-tower score: ``w · s_dual + (1 − w) · s_pseudo``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from cartlib import metrics as M
+from cartlib.baselines import exact_topk
+from cartlib.config import BaselinesConfig, Params, check_task
+from cartlib.data import schema
+from cartlib.data.features import load_features
+from cartlib.paths import TaskPaths
+from cartlib.results import publish
+
+K = 10
+
+
+class BaselinesResult(NamedTuple):
+    table: pd.DataFrame  # one row per system
+    metrics: dict  # flat: <system>_<metric>
+    mlflow_run_id: str | None
+
+
+def _timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[np.ndarray, float]:
+    """Result of ``fn`` and the median seconds of ``repeats`` calls after one warm-up."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
+
+
+def faiss_indexes(items: np.ndarray, cfg: BaselinesConfig, seed: int) -> dict[str, object]:
+    """Flat, IVF and HNSW inner-product indexes over ``items (N, D)`` (unit vectors)."""
+    import faiss
+
+    d = items.shape[1]
+    flat = faiss.IndexFlatIP(d)
+    flat.add(items)
+    nlist = max(1, min(cfg.ivf_nlist, len(items) // 39))  # FAISS wants ≥ 39 training points per cell
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.seed = seed
+    ivf.train(items)
+    ivf.add(items)
+    ivf.nprobe = min(cfg.ivf_nprobe, nlist)
+    hnsw = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.add(items)
+    hnsw.hnsw.efSearch = cfg.hnsw_ef_search
+    return {"faiss_flat": flat, "faiss_ivf": ivf, "faiss_hnsw": hnsw}
+
+
+def pseudo_caption_scores(queries: np.ndarray, pseudo: np.ndarray, owner: np.ndarray, n_items: int) -> np.ndarray:
+    """``(Q, N)``: for each item, the best cosine between the query and one of its pseudo-captions
+    (``owner[j]`` = gallery row of pseudo-caption ``j``); -inf for items without any."""
+    order = np.argsort(owner, kind="stable")
+    owners, starts = np.unique(owner[order], return_index=True)
+    sims = (queries @ pseudo[order].T).astype(np.float32)  # (Q, P), grouped by item
+    out = np.full((len(queries), n_items), -np.inf, dtype=np.float32)
+    out[:, owners] = np.maximum.reduceat(sims, starts, axis=1)  # per item, the max over its pseudo-captions
+    return out
+
+
+def recall_vs_exact(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean overlap of the top-k lists (order ignored), 1.0 = the exact neighbours."""
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, exact)]))
+
+
+def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> BaselinesResult:
+    check_task(paths.task, params)
+    cfg = params.baselines
+    dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
+    qrels = schema.load_qrels(paths.qrels, dataset)
+    feats = load_features(paths.features, dataset)
+    test_rows = np.flatnonzero(dataset.items["split"].to_numpy() == "test")
+    gallery_ids = feats.item_ids[test_rows]
+    items = np.ascontiguousarray(feats.items[test_rows], dtype=np.float32)
+    cap_row = pd.Series(np.arange(len(feats.caption_ids)), index=feats.caption_ids)
+    missing = set(qrels["query_id"]) - set(cap_row.index)
+    if missing:
+        raise ValueError(f"{paths.features}: no feature for query {sorted(missing)[0]!r} (rerun the features stage)")
+    queries = np.ascontiguousarray(feats.captions[cap_row[qrels["query_id"]].to_numpy()], dtype=np.float32)
+    gold = qrels["item_id"].to_numpy()
+    n, k = len(items), min(K, len(items))
+
+    rows, ranked_of = [], {}
+    exact, secs = _timed(lambda: exact_topk(queries, items, k=k).indices, cfg.repeats)
+    ranked_of["dual_tower_exact"] = exact
+    rows.append(("dual_tower_exact", "dual-tower, exact (torch matmul)", secs, 1.0))
+    for name, index in faiss_indexes(items, cfg, params.base.seed).items():
+        found, secs = _timed(lambda index=index: index.search(queries, k)[1], cfg.repeats)
+        ranked_of[name] = found
+        rows.append((name, {"faiss_flat": "FAISS IndexFlatIP (exact)",
+                            "faiss_ivf": f"FAISS IVF (nlist {index.nlist}, nprobe {index.nprobe})",
+                            "faiss_hnsw": f"FAISS HNSW (M {cfg.hnsw_m}, efSearch {cfg.hnsw_ef_search})"}[name],
+                     secs, recall_vs_exact(found, exact)))
+
+    # pseudo-caption matching: the gallery's pseudo-captions, MiniLM features from the features stage
+    caps = dataset.captions
+    pseudo = caps[(caps["kind"] == "pseudo") & caps["item_id"].isin(set(gallery_ids))]
+    if len(pseudo):
+        row_in_gallery = pd.Series(np.arange(n), index=gallery_ids)
+        owner = row_in_gallery[pseudo["item_id"]].to_numpy()
+        pvec = feats.captions[cap_row[pseudo["caption_id"]].to_numpy()]
+        w = cfg.fusion_weight
+
+        def pseudo_only() -> np.ndarray:
+            return np.argsort(-pseudo_caption_scores(queries, pvec, owner, n), axis=1, kind="stable")[:, :k]
+
+        def fused() -> np.ndarray:
+            s = w * (queries @ items.T) + (1 - w) * pseudo_caption_scores(queries, pvec, owner, n)
+            return np.argsort(-s, axis=1, kind="stable")[:, :k]
+
+        for name, label, fn in (("pseudo_caption", "pseudo-caption matching (MiniLM, no training)", pseudo_only),
+                                ("pseudo_caption_fused", f"dual-tower + pseudo-caption (w = {w})", fused)):
+            found, secs = _timed(fn, cfg.repeats)
+            ranked_of[name] = found
+            rows.append((name, label, secs, float("nan")))
+
+    records, flat = [], {}
+    for name, label, secs, rve in rows:
+        ranked = gallery_ids[ranked_of[name]]
+        m = M.retrieval_metrics(ranked, gold, n_candidates=n)
+        rec = {"system": name, "description": label, **{key: m[key] for key in
+               ("recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10")},
+               "queries_per_second": round(len(queries) / secs, 1), "recall_vs_exact": rve,
+               "n_queries": m["n_queries"], "n_candidates": n}
+        records.append(rec)
+        for key in ("recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10", "queries_per_second", "recall_vs_exact"):
+            if not (isinstance(rec[key], float) and np.isnan(rec[key])):
+                flat[f"{name}_{key}"] = rec[key]
+    table = pd.DataFrame(records)
+    flat.update({"n_queries": len(queries), "n_candidates": n})
+    run_id = publish(paths, "baselines", params=params, metrics=flat, tables={"systems": table})
+    return BaselinesResult(table, flat, run_id)

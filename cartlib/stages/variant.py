@@ -1,0 +1,178 @@
+"""One generative run on the cheaper comparison schedule: identifiers → train → evaluate.
+
+The main table's rows for the other identifier schemes (stage `compare`) and every ablation row
+(stage `ablations`) are the same thing: ``params`` with a few overrides of the ``identifiers``,
+``train`` and ``evaluate`` sections, trained on the ``compare:`` schedule (fewer epochs and
+reference captions than the main CART run; every item's pseudo-captions are kept) and scored on
+the same fixed subset of test queries. Identifiers come from the `identifiers` stage when the
+override keeps its structure (K, M, codebook size, …), else they are built here on the task's
+features with the overridden settings.
+
+Trained models are cached under ``models/<task>/variants/<key>.pt``, keyed by everything that
+determines the weights (training settings, seed, identifier table fingerprint, training texts):
+training is deterministic on the CPU, so two rows that differ only in evaluation (the beam
+sweep) or that coincide (the ablation's "full" row and the main table's CART row) train once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cartlib import io, metrics as M
+from cartlib.config import Params, TrainConfig, resolve_device, with_overrides
+from cartlib.data import schema
+from cartlib.data.features import load_features
+from cartlib.data.idstore import IdentifierTable, load_identifiers
+from cartlib.ids import build_identifier_model
+from cartlib.ids.prefix import PrefixIndex
+from cartlib.ids.vocab import Vocabulary
+from cartlib.paths import TaskPaths
+from cartlib.stages.evaluate import rank_queries
+from cartlib.stages.train import build_model, load_bundle, save_bundle, training_pairs
+from cartlib.train import train_cart
+
+# identifier settings that change the table itself (scheme aside); anything else is training-only
+_STRUCTURE = ("n_clusters", "n_levels", "codebook_size", "latent_dim", "hidden_dim", "epochs", "lr", "beta",
+              "batch_size")
+
+
+class VariantResult(NamedTuple):
+    metrics: dict
+    run: pd.DataFrame
+    history: pd.DataFrame
+    model_key: str
+    cache_hit: bool
+
+
+def schedule(params: Params) -> TrainConfig:
+    """``params.train`` on the comparison schedule (``compare:``), without validation passes."""
+    c = params.compare
+    return dataclasses.replace(params.train, epochs=c.epochs, max_train_items=c.max_train_items,
+                               refs_per_item=c.refs_per_item, n_val_items=0)
+
+
+def query_subset(qrels: pd.DataFrame, n_queries: int, seed: int) -> pd.DataFrame:
+    """The same ``n_queries`` random test queries for every row (all when 0 or more than there are)."""
+    if n_queries <= 0 or n_queries >= len(qrels):
+        return qrels
+    rows = np.sort(np.random.default_rng(seed).choice(len(qrels), size=n_queries, replace=False))
+    return qrels.iloc[rows].reset_index(drop=True)
+
+
+def identifier_table(params: Params, paths: TaskPaths, dataset: schema.Dataset, *, progress: bool) -> IdentifierTable:
+    """The table of ``params.identifiers.scheme``: from the `identifiers` stage when its structure
+    matches the stage's settings (``stage_params``), else built here."""
+    stage = load_identifiers(paths.data / "identifiers", params.identifiers.scheme,
+                             item_ids=dataset.items["item_id"].to_numpy()) \
+        if (paths.data / "identifiers" / f"{params.identifiers.scheme}.npz").exists() else None
+    cfg = params.identifiers
+    if stage is not None and all(stage.meta.get("config", {}).get(k) == getattr(cfg, k) for k in _STRUCTURE):
+        return stage
+    feats = load_features(paths.features, dataset)
+    if cfg.n_clusters > len(feats.items):
+        raise ValueError(f"identifiers.n_clusters={cfg.n_clusters} exceeds the {len(feats.items)} items")
+    model = build_identifier_model(cfg.scheme, n_clusters=cfg.n_clusters, n_levels=cfg.n_levels,
+                                   codebook_size=cfg.codebook_size, latent_dim=cfg.latent_dim,
+                                   hidden_dim=cfg.hidden_dim, epochs=cfg.epochs, lr=cfg.lr, beta=cfg.beta,
+                                   batch_size=cfg.batch_size, seed=params.base.seed,
+                                   device=resolve_device(params.base.device), progress=progress)
+    model.fit(feats.items)
+    vocab = Vocabulary(level_sizes=tuple(int(s) for s in model.level_sizes_))
+    codes = vocab.check_codes(model.codes_)
+    return IdentifierTable(cfg.scheme, codes, np.asarray(feats.item_ids, dtype=str), vocab, vocab.fingerprint(codes),
+                           {"config": dataclasses.asdict(cfg), "built_by": "variant"})
+
+
+def model_key(cfg: TrainConfig, table: IdentifierTable, texts: list[str], seed: int) -> str:
+    """Everything that determines the trained weights."""
+    blob = json.dumps({"train": dataclasses.asdict(cfg), "seed": seed, "identifiers": table.fingerprint,
+                       "texts": hashlib.sha256("\n".join(texts).encode()).hexdigest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: bool = True) -> VariantResult:
+    """Train (or reuse) and evaluate the generative model of ``params`` + ``overrides``."""
+    p = with_overrides(params, overrides, where="overrides")
+    cfg = schedule(p)
+    device = resolve_device(p.base.device)
+    dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
+    qrels = query_subset(schema.load_qrels(paths.qrels, dataset), p.compare.n_queries, p.base.seed)
+    table = identifier_table(p, paths, dataset, progress=progress)
+    pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, n_val_items=0, seed=p.base.seed,
+                           refs_per_item=cfg.refs_per_item, max_train_items=cfg.max_train_items)
+    key = model_key(cfg, table, pairs.texts, p.base.seed)
+    path = paths.models / "variants" / f"{key}.pt"
+    hit = path.exists()
+    if hit:
+        tokenizer, model, bundle = load_bundle(path, table=table, device=device)
+        history = bundle["history"]
+    else:
+        torch.manual_seed(p.base.seed)
+        tokenizer, model = build_model(cfg, table.vocab.level_sizes)
+        result = train_cart(model.to(device), tokenizer=tokenizer, texts=pairs.texts,
+                            codes=torch.from_numpy(table.codes)[pairs.rows], epochs=cfg.epochs,
+                            batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+                            consistency_weight=cfg.consistency_weight, seed=p.base.seed, max_length=cfg.max_length,
+                            checkpoint_dir=None, progress=progress)
+        model, history = result.model, result.history
+        save_bundle(path, model=model, cfg=cfg, table=table, history=history)
+
+    test_rows = np.flatnonzero(dataset.items["split"].to_numpy() == "test")
+    gallery_ids = dataset.items["item_id"].to_numpy()[test_rows]
+    index = PrefixIndex.build(torch.from_numpy(table.codes[test_rows]), table.vocab.level_sizes).to(device)
+    texts = dataset.captions.set_index("caption_id").loc[qrels["query_id"], "text"].tolist()
+    start = time.perf_counter()
+    ranked, scores, _, seconds = rank_queries(model, tokenizer, texts, index, gallery_ids, cfg=p.evaluate,
+                                              max_length=cfg.max_length, progress=progress)
+    metrics = M.retrieval_metrics(ranked, qrels["item_id"].to_numpy(), n_candidates=len(gallery_ids))
+    metrics.update({
+        "scheme": table.scheme,
+        "level_sizes": "×".join(map(str, table.vocab.level_sizes)),
+        "beam": min(p.evaluate.beam, len(gallery_ids)),
+        "n_train_texts": len(pairs.texts),
+        "train_epochs": cfg.epochs,
+        "train_seconds": round(float(sum(h["seconds"] for h in history)), 1),
+        "eval_seconds": round(time.perf_counter() - start, 1),
+        "queries_per_second": round(len(texts) / seconds, 2),
+        "model_key": key,
+        "model_cache_hit": hit,
+        "overrides": json.dumps(overrides, sort_keys=True),
+    })
+    run = M.run_table(qrels["query_id"].to_numpy(), ranked, scores)
+    return VariantResult(metrics, run, pd.DataFrame(history), key, hit)
+
+
+def write_variant(out: Path, result: VariantResult) -> list[Path]:
+    """metrics.json and run.tsv of one row (atomic writes)."""
+    return [io.write_json(out / "metrics.json", result.metrics), io.write_dataframe_tsv(out / "run.tsv", result.run)]
+
+
+def run_compare(params: Params, paths: TaskPaths, scheme: str, *, progress: bool = True) -> VariantResult:
+    """Stage `compare`: the main table's generative row for identifier ``scheme`` on one task."""
+    from cartlib.results import publish
+
+    result = run_variant(params, paths, overrides={"identifiers": {"scheme": scheme}}, progress=progress)
+    publish(paths, "compare", params=params, metrics=result.metrics, run=result.run, variant=scheme)
+    return result
+
+
+def run_ablation(params: Params, root: str | Path, row: str, *, progress: bool = True) -> VariantResult:
+    """Stage `ablations`: one row of ``params.ablations.rows`` on ``params.ablations.task``."""
+    from cartlib.paths import task_paths
+    from cartlib.results import publish
+
+    if row not in params.ablations.rows:
+        raise KeyError(f"{row!r} is not a row of params.yaml ablations.rows ({sorted(params.ablations.rows)})")
+    paths = task_paths(root, params.ablations.task)
+    result = run_variant(params, paths, overrides=params.ablations.rows[row], progress=progress)
+    publish(paths, "ablations", params=params, metrics=result.metrics, run=result.run, variant=row)
+    return result
