@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
 
 from cartlib import viz  # noqa: F401  (sets the headless backend before pyplot is imported)
 from cartlib.baselines import exact_topk
@@ -39,7 +39,7 @@ __all__ = [
     "TutorialData", "TrainingPairs", "FeatureResult", "LevelTrace", "BeamTrace",
     "setup_notebook", "make_data", "caption_table", "training_pairs", "item_features",
     "level_names", "identifier_frame", "tree_layout", "TreeLayout",
-    "encode_queries", "trace_beam_search", "trace_frame", "cart_rankings", "dual_tower_rankings",
+    "encode_queries", "trace_beam_search", "trace_frame", "final_beams", "cart_rankings", "dual_tower_rankings",
     "fusion_alpha", "recall_table",
     "plot_items", "plot_clusters", "plot_residuals", "plot_rqvae_levels", "plot_identifier_tree",
     "plot_training", "plot_beam_trace", "plot_fusion_alpha", "plot_recall",
@@ -57,6 +57,7 @@ def setup_notebook(*, n_threads: int, seed: int) -> None:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: plain bars
     if n_threads > 0:
         torch.set_num_threads(n_threads)
     torch.manual_seed(seed)
@@ -298,23 +299,40 @@ def trace_beam_search(model: CartModel, *, encoded: EncoderStates, prefix_index:
     return BeamTrace(tuple(levels), items[0].numpy(), scores[0].numpy(), codes[0].numpy())
 
 
-def trace_frame(trace: BeamTrace, *, level: int, top: int = 12) -> pd.DataFrame:
-    """The `top` candidates (beam prefix + next code) of one level by unconstrained score.
+def trace_frame(trace: BeamTrace, *, top: int = 10, level: int | None = None) -> pd.DataFrame:
+    """The `top` candidates (beam prefix + next code) of each level (or of `level`), best first by
+    the model's score without the constraint.
 
     status: "kept" (a beam of the next level), "cut by beam width" (valid, not in the top `beam`),
-    "removed by prefix constraint" (no gallery identifier starts with it; the model liked it anyway).
+    "removed by prefix constraint" (no gallery identifier continues that way; the model liked it
+    anyway). score = log p(prefix, code | query); `p` = exp(score).
     """
-    t = trace.levels[level]
-    kept = set(zip(t.parents.tolist(), t.codes.tolist()))
-    total = t.prefix_scores[:, None] + t.log_probs  # (W, K) scores without the constraint
-    rows = []
-    for w, c in zip(*np.nonzero(np.isfinite(total))):
-        status = ("kept" if (w, c) in kept and t.allowed[w, c] else
-                  "removed by prefix constraint" if not t.allowed[w, c] else "cut by beam width")
-        rows.append({"beam": int(w), "prefix": tuple(int(x) for x in t.prefixes[w]), "code": int(c),
-                     "log_p_code": float(t.log_probs[w, c]), "score": float(total[w, c]), "status": status})
-    frame = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable")
-    return frame.head(top).reset_index(drop=True)
+    frames = []
+    for t in trace.levels if level is None else (trace.levels[level],):
+        kept = set(zip(t.parents.tolist(), t.codes.tolist()))
+        total = t.prefix_scores[:, None] + t.log_probs  # (W, K) scores without the constraint
+        rows = []
+        for w, c in zip(*np.nonzero(np.isfinite(total))):
+            status = ("removed by prefix constraint" if not t.allowed[w, c] else
+                      "kept" if (w, c) in kept else "cut by beam width")
+            rows.append({"level": t.level, "beam": int(w), "prefix": tuple(int(x) for x in t.prefixes[w]),
+                         "code": int(c), "log_p_code": float(t.log_probs[w, c]), "score": float(total[w, c]),
+                         "status": status})
+        frame = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable").head(top)
+        frames.append(frame.assign(p=np.exp(frame["score"])))
+    return pd.concat(frames, ignore_index=True)
+
+
+def final_beams(trace: BeamTrace, *, labels: Sequence[str], gold: int | None = None) -> pd.DataFrame:
+    """The ranked list the trace returns: identifier, score, item label (and whether it is `gold`)."""
+    frame = pd.DataFrame({
+        "identifier": [tuple(int(x) for x in c) for c in trace.codes],
+        "score": trace.scores, "p": np.exp(trace.scores),
+        "item": [labels[i] if i >= 0 else "(none)" for i in trace.items.tolist()],
+    }, index=pd.RangeIndex(1, len(trace.items) + 1, name="rank"))
+    if gold is not None:
+        frame["correct"] = trace.items == gold
+    return frame
 
 
 def cart_rankings(model: CartModel, tokenizer, texts: Sequence[str], *, prefix_index: PrefixIndex, beam: int,
@@ -354,11 +372,15 @@ def fusion_alpha(model: CartModel) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------- figures
 def plot_items(data: TutorialData, *, n: int = 4):
     """Step 1: rendered items with a reference caption and a pseudo-caption (`cartlib.viz`)."""
-    return viz.media_samples(data.task, data.media[:n], [c[0] for c in data.captions[:n]],
-                             [p[0] for p in data.pseudo_captions[:n]], n=n)
+    fig = viz.media_samples(data.task, data.media[:n], [c[0] for c in data.captions[:n]],
+                            [p[0] for p in data.pseudo_captions[:n]], n=n)
+    fig.suptitle(f"{data.task}: rendered items with a reference caption and a pseudo-caption", fontsize=9,
+                 y=1.04)  # above the captions
+    return fig
 
 
 def _pca(x: np.ndarray):
+    """A 2-component PCA fitted on `x` (N, D)."""
     from sklearn.decomposition import PCA
 
     return PCA(n_components=2, random_state=0).fit(x)
@@ -381,6 +403,7 @@ def plot_clusters(features: np.ndarray, *, labels: np.ndarray, centers: np.ndarr
     ax.set_title(f"item features (PCA of {features.shape[1]}-d) and the K = {k} centroids", fontsize=9)
     sizes = np.bincount(labels, minlength=k)
     bx.bar(np.arange(k), sizes, color=[cmap(i) for i in range(k)])
+    bx.set_xticks(np.arange(0, k, max(1, k // 8)))
     bx.set_xlabel("coarse token k")
     bx.set_ylabel("items")
     bx.set_title("items per cluster", fontsize=9)
@@ -406,8 +429,10 @@ def plot_residuals(features: np.ndarray, *, labels: np.ndarray, centers: np.ndar
         ax.set_ylim(-lim, lim)
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
-    axes[2].hist(np.linalg.norm(features, axis=1), bins=30, alpha=0.7, label="‖x‖")
-    axes[2].hist(np.linalg.norm(residual, axis=1), bins=30, alpha=0.7, label="‖x − centroid_k‖")
+    norms, res_norms = np.linalg.norm(features, axis=1), np.linalg.norm(residual, axis=1)
+    bins = np.linspace(0.0, 1.05 * max(norms.max(), res_norms.max(), 1e-6), 42)  # shared: unit norms are one spike
+    axes[2].hist(norms, bins=bins, alpha=0.7, label="‖x‖")
+    axes[2].hist(res_norms, bins=bins, alpha=0.7, label="‖x − centroid_k‖")
     axes[2].legend(fontsize=8)
     axes[2].set_xlabel("norm")
     axes[2].set_title("what the RQ-VAE still has to encode", fontsize=9)
@@ -440,9 +465,12 @@ def plot_rqvae_levels(identifier, features: np.ndarray):
         axes[level].set_ylabel("items")
     hist = pd.DataFrame([s._asdict() for s in rq.history_])
     axes[m].plot(np.arange(1, len(hist) + 1), hist["reconstruction_loss"], marker=".")
+    n_warmup = round(rq.epochs * rq.warmup_fraction)
+    if n_warmup:
+        axes[m].axvline(n_warmup + 0.5, color="grey", ls="--", lw=0.8)
     axes[m].set_xlabel("epoch")
     axes[m].set_title("RQ-VAE reconstruction loss\n(auto-encoder warm-up, then quantised)", fontsize=8)
-    names = ["centroid"] + [f"+ v1..v{level}" for level in range(1, m + 1)]
+    names = ["centroid"] + ["+ v1" if level == 1 else f"+ v1..v{level}" for level in range(1, m + 1)]
     axes[m + 1].bar(names, errors, color="tab:purple")
     axes[m + 1].set_ylabel("‖x − x̂‖ / ‖x‖")
     axes[m + 1].set_title("error left after each level", fontsize=8)
@@ -450,7 +478,7 @@ def plot_rqvae_levels(identifier, features: np.ndarray):
     return fig
 
 
-def plot_identifier_tree(codes: np.ndarray, *, clusters: Sequence[int], labels: Sequence[str], width: int = 48):
+def plot_identifier_tree(codes: np.ndarray, *, clusters: Sequence[int], labels: Sequence[str], width: int = 64):
     """Step 5: the prefix tree (identifier tree) of the items in a few clusters.
 
     Columns are the identifier levels `(k, v1..vM, u)`, each leaf one item with its label; items
@@ -479,7 +507,8 @@ def plot_identifier_tree(codes: np.ndarray, *, clusters: Sequence[int], labels: 
     ax.set_yticks([])
     for side in ("right", "bottom", "left"):
         ax.spines[side].set_visible(False)
-    ax.set_title(f"identifier tree of clusters {list(clusters)}: {n_leaves} items", fontsize=9, pad=18)
+    ax.set_title(f"identifier tree of clusters k in {[int(c) for c in clusters]}: {n_leaves} items", fontsize=9,
+                 pad=18)
     fig.tight_layout()
     return fig
 
@@ -548,12 +577,14 @@ def plot_fusion_alpha(model: CartModel):
     mean = alpha.mean(-1)  # (n_dec, S)
     share = np.stack([np.bincount(a.argmax(0), minlength=s) / a.shape[1] for a in alpha])
     fig, axes = plt.subplots(1, 2, figsize=(10, 1.4 + 0.6 * n_dec))
-    for ax, values, title, fmt in ((axes[0], mean, f"mean α (uniform = 1/S = {1 / s:.3f})", "{:.3f}"),
-                                   (axes[1], share, "share of dims whose largest α is this layer", "{:.2f}")):
-        im = ax.imshow(values, cmap="viridis", aspect="auto")
+    spread = max(float(np.abs(mean - 1 / s).max()), 1e-6)
+    panels = ((axes[0], mean, f"mean α over dims (uniform: 1/S = {1 / s:.4f})", "{:.4f}",
+               dict(cmap="coolwarm", vmin=1 / s - spread, vmax=1 / s + spread)),
+              (axes[1], share, "share of dims whose largest α is this layer", "{:.2f}", dict(cmap="viridis")))
+    for ax, values, title, fmt, style in panels:
+        im = ax.imshow(values, aspect="auto", **style)
         for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
-                    color="white" if v < values.mean() else "black")
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7)
         ax.set_xticks(range(s), [f"E{j + 1}" for j in range(s)])
         ax.set_yticks(range(n_dec), [f"decoder {i + 1}" for i in range(n_dec)])
         ax.set_xlabel("encoder layer")

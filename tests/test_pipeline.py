@@ -37,6 +37,9 @@ def copy_repo(dest: Path, *, scale: str = "smoke") -> Path:
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["base"]["scale"] = scale
+    # every stage runs, not every row: two schemes, four ablation rows (a training, a cache hit, new ids)
+    params["compare"]["schemes"] = ["cart", "atomic"]
+    params["ablations"]["rows"] = {k: params["ablations"]["rows"][k] for k in ("full", "no_fusion", "k_16", "beam_5")}
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], dest)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "smoke"], dest, check=False)
@@ -85,19 +88,41 @@ def test_identifier_health_is_reported(smoke_repo):
 
 
 @pytest.mark.slow
-def test_train_and_evaluate_notebooks_at_smoke_scale(smoke_repo):
-    """The CART stages (not yet in the default DVC pipeline) run through papermill on the smoke data."""
-    for stage in ("train", "evaluate"):
-        proc = _run([str(BIN / "cart-stage"), stage, "--task", "image"], smoke_repo, check=False)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = smoke_repo / "results" / "evaluate" / "image"
-    m = json.loads((out / "metrics.json").read_text())
-    assert METRIC_KEYS <= set(m) and m["n_candidates"] == 100
-    run = pd.read_csv(out / "run.tsv", sep="\t", dtype={"query_id": str, "item_id": str})
-    qrels = pd.read_csv(smoke_repo / "data" / "image" / "qrels.tsv", sep="\t", dtype=str)
-    assert metrics_from_run(run, qrels)["recall_at_10"] == pytest.approx(m["recall_at_10"])
-    items = pd.read_csv(smoke_repo / "data" / "image" / "dataset" / "items.tsv", sep="\t", dtype=str)
-    assert set(run["item_id"]) <= set(items.loc[items["split"] == "test", "item_id"])  # only valid identifiers
+def test_cart_is_trained_and_evaluated_by_the_pipeline(smoke_repo):
+    for task in ("image", "audio", "video"):
+        out = smoke_repo / "results" / "evaluate" / task
+        m = json.loads((out / "metrics.json").read_text())
+        assert METRIC_KEYS <= set(m) and m["n_candidates"] == 100
+        run = pd.read_csv(out / "run.tsv", sep="\t", dtype={"query_id": str, "item_id": str})
+        qrels = pd.read_csv(smoke_repo / "data" / task / "qrels.tsv", sep="\t", dtype=str)
+        assert metrics_from_run(run, qrels)["recall_at_10"] == pytest.approx(m["recall_at_10"])
+        items = pd.read_csv(smoke_repo / "data" / task / "dataset" / "items.tsv", sep="\t", dtype=str)
+        assert set(run["item_id"]) <= set(items.loc[items["split"] == "test", "item_id"])  # only valid identifiers
+        errors = pd.read_csv(out / "errors.tsv", sep="\t")
+        assert errors["misses"].sum() == round((1 - m["recall_at_1"]) * m["n_queries"])
+        assert (smoke_repo / "results" / "train" / task / "training_curve.png").exists()
+
+
+@pytest.mark.slow
+def test_suite_stages_write_tables_figures_and_report(smoke_repo):
+    res = smoke_repo / "results"
+    systems = pd.read_csv(res / "baselines" / "image" / "systems.tsv", sep="\t").set_index("system")
+    assert systems.loc["faiss_flat", "recall_vs_exact"] == 1.0
+    dual = json.loads((res / "features" / "image" / "metrics.json").read_text())
+    assert systems.loc["dual_tower_exact", "recall_at_1"] == pytest.approx(dual["recall_at_1"])
+    for scheme in ("cart", "atomic"):
+        m = json.loads((res / "compare" / "image" / scheme / "metrics.json").read_text())
+        assert m["scheme"] == scheme and m["n_queries"] == 100
+    rows = {r: json.loads((res / "ablations" / "image" / r / "metrics.json").read_text())
+            for r in ("full", "no_fusion", "k_16", "beam_5")}
+    assert rows["beam_5"]["model_cache_hit"] and rows["beam_5"]["beam"] == 5
+    full = json.loads((res / "compare" / "image" / "cart" / "metrics.json").read_text())
+    assert rows["full"]["recall_at_1"] == full["recall_at_1"]  # same run: the same model and queries
+    assert rows["k_16"]["level_sizes"].startswith("16×")
+    assert (res / "tsne" / "image" / "tsne_prefixes.png").exists()
+    report = (res / "REPORT.md").read_text()
+    assert "## Claims" in report and "CART beats the dual-tower baseline" in report
+    assert (res / "tables" / "main.md").exists() and (res / "tables" / "ablations.tex").exists()
 
 
 @pytest.mark.slow

@@ -106,25 +106,35 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> Baselines
     for name, index in faiss_indexes(items, cfg, params.base.seed).items():
         found, secs = _timed(lambda index=index: index.search(queries, k)[1], cfg.repeats)
         ranked_of[name] = found
-        rows.append((name, {"faiss_flat": "FAISS IndexFlatIP (exact)",
-                            "faiss_ivf": f"FAISS IVF (nlist {index.nlist}, nprobe {index.nprobe})",
-                            "faiss_hnsw": f"FAISS HNSW (M {cfg.hnsw_m}, efSearch {cfg.hnsw_ef_search})"}[name],
-                     secs, recall_vs_exact(found, exact)))
+        label = ("FAISS IndexFlatIP (exact)" if name == "faiss_flat" else
+                 f"FAISS IVF (nlist {index.nlist}, nprobe {index.nprobe})" if name == "faiss_ivf" else
+                 f"FAISS HNSW (M {cfg.hnsw_m}, efSearch {cfg.hnsw_ef_search})")
+        rows.append((name, label, secs, recall_vs_exact(found, exact)))
 
-    # pseudo-caption matching: the gallery's pseudo-captions, MiniLM features from the features stage
+    # pseudo-caption matching with the bundled MiniLM (the features stage encodes reference captions only)
     caps = dataset.captions
     pseudo = caps[(caps["kind"] == "pseudo") & caps["item_id"].isin(set(gallery_ids))]
     if len(pseudo):
+        from cartlib.encoders.text import encode_sentences, load_text_encoder
+
+        tokenizer, model = load_text_encoder()
+        pvec = encode_sentences(pseudo["text"].tolist(), tokenizer=tokenizer, model=model, progress=progress,
+                                desc="encode pseudo-captions")
+        if str(feats.meta.get("text_model", "")).startswith("all-MiniLM-L6-v2"):
+            mini_q = queries  # the query features already are the bundled MiniLM's
+        else:
+            texts = caps.set_index("caption_id").loc[qrels["query_id"], "text"].tolist()
+            mini_q = encode_sentences(texts, tokenizer=tokenizer, model=model, progress=progress,
+                                      desc="encode queries (MiniLM)")
         row_in_gallery = pd.Series(np.arange(n), index=gallery_ids)
         owner = row_in_gallery[pseudo["item_id"]].to_numpy()
-        pvec = feats.captions[cap_row[pseudo["caption_id"]].to_numpy()]
         w = cfg.fusion_weight
 
         def pseudo_only() -> np.ndarray:
-            return np.argsort(-pseudo_caption_scores(queries, pvec, owner, n), axis=1, kind="stable")[:, :k]
+            return np.argsort(-pseudo_caption_scores(mini_q, pvec, owner, n), axis=1, kind="stable")[:, :k]
 
         def fused() -> np.ndarray:
-            s = w * (queries @ items.T) + (1 - w) * pseudo_caption_scores(queries, pvec, owner, n)
+            s = w * (queries @ items.T) + (1 - w) * pseudo_caption_scores(mini_q, pvec, owner, n)
             return np.argsort(-s, axis=1, kind="stable")[:, :k]
 
         for name, label, fn in (("pseudo_caption", "pseudo-caption matching (MiniLM, no training)", pseudo_only),
