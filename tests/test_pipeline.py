@@ -123,6 +123,13 @@ def test_suite_stages_write_tables_figures_and_report(smoke_repo):
     report = (res / "REPORT.md").read_text()
     assert "## Claims" in report and "CART beats the dual-tower baseline" in report
     assert (res / "tables" / "main.md").exists() and (res / "tables" / "ablations.tex").exists()
+    table = pd.read_csv(res / "throughput" / "throughput.csv")
+    assert list(table.columns) == ["system", "device", "n_candidates", "batch_size", "beam", "qps", "latency_ms_p50",
+                                   "peak_mem_mb", "recall_vs_exact"]
+    assert {"cart_end_to_end", "cart_decode", "unconstrained_decode", "dual_tower_exact", "faiss_flat"} <= set(table["system"])
+    assert set(table["n_candidates"]) == {100, 1000}
+    assert (table.loc[table["system"] == "faiss_flat", "recall_vs_exact"].dropna() == 1.0).all()
+    assert (res / "throughput" / "throughput.png").exists()
 
 
 @pytest.mark.slow
