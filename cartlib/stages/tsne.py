@@ -2,7 +2,9 @@
 
 t-SNE (scikit-learn) of test-gallery item features, coloured (a) by the first identifier token
 (the K-Means cluster ``k``), (b) inside the largest coarse cluster, by the second token (the first
-RQ-VAE code ``v_1``), and (c) the same as (a) for the random-code control. The number that carries
+RQ-VAE code ``v_1``), and (c) the same as (a) for the random-code control. Panel (b) takes every item of
+that cluster in the identifier table (train and test galleries): the test gallery alone leaves ~25
+items spread over ~20 second tokens, too few to see anything. The number that carries
 the picture is computed in the feature space itself, not in the 2-D map (t-SNE distorts distances):
 
     prefix ratio = mean cosine distance between items with the same prefix
@@ -26,7 +28,8 @@ from cartlib.results import publish
 
 
 class TsneResult(NamedTuple):
-    points: pd.DataFrame  # item_id, x, y, k, v1, random_k (and the inner map's x/y inside one cluster)
+    # panel ("a_c": the test items of panels a and c; "b": the cluster of panel b), item_id, x, y, k, v1, random_k
+    points: pd.DataFrame
     metrics: dict
     figure: object
     mlflow_run_id: str | None
@@ -83,24 +86,26 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> TsneResul
     # inside the largest coarse cluster: its own t-SNE, coloured by the second token
     values, counts = np.unique(k, return_counts=True)
     big = values[np.argmax(counts)]
-    inner = k == big
-    inner_xy = embed_2d(x[inner], perplexity=min(cfg.perplexity, 10.0), seed=params.base.seed) \
-        if inner.sum() >= 8 else np.zeros((int(inner.sum()), 2))
+    inner = np.flatnonzero(cart.codes[:, 0] == big)  # all items of the cluster, train and test
+    x_in, v1_in = feats.items[inner], cart.codes[inner, 1]
+    inner_xy = embed_2d(x_in, perplexity=min(cfg.perplexity, 10.0), seed=params.base.seed) \
+        if len(inner) >= 8 else np.zeros((len(inner), 2))
 
     metrics = {
         "n_items": int(len(rows)),
         "prefix_ratio_first_token": prefix_ratio(x, k),
         "prefix_ratio_first_token_random": prefix_ratio(x, rk),
-        "prefix_ratio_second_token_in_cluster": prefix_ratio(x[inner], v1[inner]),
+        "prefix_ratio_second_token_in_cluster": prefix_ratio(x_in, v1_in),
         "prefix_ratio_first_two_tokens": prefix_ratio(x, k * 100000 + v1),
         "largest_cluster": int(big),
-        "largest_cluster_items": int(inner.sum()),
+        "largest_cluster_items": int(len(inner)),
     }
-    points = pd.DataFrame({"item_id": item_ids[rows], "x": xy[:, 0], "y": xy[:, 1], "k": k, "v1": v1,
-                           "random_k": rk, "in_largest_cluster": inner})
-    points["inner_x"] = np.nan
-    points["inner_y"] = np.nan
-    points.loc[inner, ["inner_x", "inner_y"]] = inner_xy
+    points = pd.concat([
+        pd.DataFrame({"panel": "a_c", "item_id": item_ids[rows], "x": xy[:, 0], "y": xy[:, 1], "k": k, "v1": v1,
+                      "random_k": rk}),
+        pd.DataFrame({"panel": "b", "item_id": item_ids[inner], "x": inner_xy[:, 0], "y": inner_xy[:, 1],
+                      "k": big, "v1": v1_in, "random_k": random.codes[inner, 0]}),
+    ], ignore_index=True)
 
     import matplotlib.pyplot as plt
 
@@ -108,8 +113,8 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> TsneResul
     n_top = cfg.n_top_clusters
     _scatter(axes[0], xy, k, n_top=n_top,
              title=f"(a) CART: first token k (ratio {metrics['prefix_ratio_first_token']:.2f})")
-    _scatter(axes[1], inner_xy, v1[inner], n_top=n_top,
-             title=f"(b) inside cluster k={big}: second token v1 (ratio "
+    _scatter(axes[1], inner_xy, v1_in, n_top=n_top,
+             title=f"(b) all {len(inner)} items of cluster k={big}: second token v1 (ratio "
                    f"{metrics['prefix_ratio_second_token_in_cluster']:.2f})")
     _scatter(axes[2], xy, rk, n_top=n_top,
              title=f"(c) random codes: first token (ratio {metrics['prefix_ratio_first_token_random']:.2f})")
