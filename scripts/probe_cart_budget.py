@@ -1,36 +1,78 @@
-"""Budget probe: CART on the default image task with a reduced training budget (not a pipeline stage).
+"""Budget probe: does more training move CART's recall? (an experiment, not a pipeline stage)
 
-Needs the default `dvc repro` outputs (data, features, identifiers of the image task). Trains CART
-(frozen MiniLM, two-branch fusion, decoder 2 × width 256, ω = 1, caption enhancement) on all
-pseudo-captions plus one in five train reference captions (17,000 texts) for 3 epochs, then runs
-the evaluate stage's constrained beam search on the 5,000 test queries and prints CART next to
-the dual-tower baseline. Writes models/image/probe_cart.pt; publishes nothing.
-Run: `.venv/bin/python scripts/probe_cart_budget.py` (about 27 min on the 2-core CPU).
+Trains the generative model of the ``compare`` stage with the schedule given on the command line
+(epochs, reference captions per train item, train items), evaluates it on a fixed subset of the
+test queries, and prints it next to the main CART run and the dual-tower baseline on the very same
+queries, with paired 95% intervals. Needs the default run's data/features/identifiers of the task
+and `results/evaluate/<task>/run.tsv`. The model is cached under models/<task>/variants/ (a rerun
+with the same schedule only evaluates); nothing under results/ is written.
+
+    .venv/bin/python scripts/probe_cart_budget.py --task audio --refs-per-item 5     # ~25 min on 2 cores
 """
-import dataclasses, time, numpy as np, pandas as pd, torch
-from cartlib.config import load_params
-from cartlib.paths import task_paths
-from cartlib.data import schema
-from cartlib.data.idstore import load_identifiers
-from cartlib.stages.train import training_pairs, build_model, save_bundle
-from cartlib.stages import evaluate
-from cartlib.train import train_cart
-params = load_params("params.yaml"); paths = task_paths(".", "image")
-cfg = dataclasses.replace(params.train, d_model=256, n_heads=4, epochs=3, consistency_weight=1.0, n_val_items=0)
-ds = schema.load_dataset(paths.dataset, verify_hashes=False)
-table = load_identifiers(paths.data / "identifiers", "cart", item_ids=ds.items["item_id"].to_numpy())
-pairs = training_pairs(ds, caption_enhancement=True, n_val_items=0, seed=0)
-rng = np.random.default_rng(0)
-keep = np.flatnonzero(pairs.kinds == "pseudo").tolist()
-ref = np.flatnonzero(pairs.kinds == "reference"); keep += rng.choice(ref, size=len(ref) // 5, replace=False).tolist()  # 1 of 5 refs
-keep = np.array(sorted(keep)); print("texts", len(keep), flush=True)
-torch.manual_seed(0); tok, model = build_model(cfg, table.vocab.level_sizes)
-t = time.time()
-res = train_cart(model, tokenizer=tok, texts=[pairs.texts[i] for i in keep], codes=torch.from_numpy(table.codes)[pairs.rows[keep]],
-                 epochs=cfg.epochs, batch_size=cfg.batch_size, lr=1e-3, weight_decay=cfg.weight_decay, warmup_ratio=0.05,
-                 grad_clip=1.0, consistency_weight=cfg.consistency_weight, seed=0, max_length=48, checkpoint_dir=None, progress=False)
-print("train s", time.time() - t, [round(h["loss"], 3) for h in res.history], flush=True)
-save_bundle("models/image/probe_cart.pt", model=res.model, cfg=cfg, table=table, history=res.history)
-evaluate.publish = lambda *a, **k: None
-t = time.time(); r = evaluate.run(params, paths, progress=False, model_name="probe_cart.pt")
-print("eval s", time.time() - t); print(r.comparison.to_string()); print(r.errors.to_string()); print(r.metrics)
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pandas as pd  # noqa: E402
+
+from cartlib.config import ConfigError, check_task, load_params  # noqa: E402
+from cartlib.paths import task_paths  # noqa: E402
+from cartlib.report import hits_at_1, paired_delta  # noqa: E402
+from cartlib.stages.variant import query_subset, run_variant  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True, help="image | audio | video")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--refs-per-item", type=int, default=1, help="reference captions per train item (0 = all)")
+    ap.add_argument("--max-train-items", type=int, default=0, help="train items used (0 = all)")
+    ap.add_argument("--n-queries", type=int, default=1000, help="test queries evaluated (0 = all)")
+    args = ap.parse_args()
+    params = load_params("params.yaml")
+    try:
+        task = check_task(args.task, params)
+    except ConfigError as e:
+        ap.error(str(e))
+    for name in ("epochs", "refs_per_item", "max_train_items", "n_queries"):
+        if getattr(args, name) < 0 or (name == "epochs" and args.epochs == 0):
+            ap.error(f"--{name.replace('_', '-')} must be {'≥ 1' if name == 'epochs' else '≥ 0'}, got {getattr(args, name)}")
+    root = Path(".").resolve()
+    main_run = root / "results" / "evaluate" / task / "run.tsv"
+    if not main_run.exists():
+        ap.error(f"{main_run} not found: run `dvc repro evaluate@{task}` first")
+    params = dataclasses.replace(params, compare=dataclasses.replace(
+        params.compare, epochs=args.epochs, refs_per_item=args.refs_per_item,
+        max_train_items=args.max_train_items, n_queries=args.n_queries))
+    paths = task_paths(root, task)
+
+    start = time.perf_counter()
+    result = run_variant(params, paths, overrides={})
+    print(f"probe: {result.metrics['n_train_texts']} training texts, {time.perf_counter() - start:.0f} s "
+          f"(train + evaluate; model reused from the cache: {result.cache_hit})")
+
+    from cartlib.data import schema
+
+    dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
+    qrels = query_subset(schema.load_qrels(paths.qrels, dataset), args.n_queries, params.base.seed)
+    probe_run = paths.models / "variants" / f"{result.model_key}.run.tsv"
+    result.run.to_csv(probe_run, sep="\t", index=False)
+    hits = {"probe": hits_at_1(probe_run, qrels), "CART main run": hits_at_1(main_run, qrels),
+            "dual-tower": hits_at_1(root / "results" / "features" / task / "run.tsv", qrels)}
+    rows = []
+    for name, h in hits.items():
+        d, half = paired_delta(hits["probe"], h)
+        rows.append({"system": name, "recall_at_1": h.mean(), "probe_minus_this": d, "ci95": half})
+    print(f"{task}, {len(qrels)} test queries, schedule: epochs {args.epochs}, refs/item {args.refs_per_item or 'all'}, "
+          f"train items {args.max_train_items or 'all'}")
+    print(pd.DataFrame(rows).round(4).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
