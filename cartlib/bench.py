@@ -352,13 +352,17 @@ class FastDecoder:
             kv = tuple((m.last if m.last is not None else m.coarse, m.fine) for m in mem.layers)
             return kv, bias[:, None, None, :]
         packed = encoded.layers.reshape(s, b * t, de).index_select(1, real)  # (S, M, De)
+        rows, cols = real // t, real % t  # each real token's query and position
         h, d = self.n_heads, self.model.d_model
+        concat = None  # (M, S*De): the coarse branch's input, shared by the layers
 
         def spread(x: Tensor, heads: int) -> Tensor:
-            """(G, M, D) rows of real tokens -> (B, G*heads, T, Dh), zeros at padding."""
+            """(G, M, D) rows of real tokens -> (B, G*heads, T, Dh), zeros at padding; written
+            straight into the attention layout (one scatter, no zero-filled intermediate)."""
             g = x.shape[0]
-            full = x.new_zeros(g, b * t, x.shape[-1]).index_copy_(1, real, x)
-            return full.view(g, b, t, heads, -1).permute(1, 0, 3, 2, 4).reshape(b, g * heads, t, -1)
+            full = x.new_zeros(b, g, heads, t, x.shape[-1] // heads)
+            full.permute(1, 0, 3, 2, 4)[:, rows, cols] = x.view(g, -1, heads, x.shape[-1] // heads)
+            return full.view(b, g * heads, t, -1)
 
         kv = []
         for layer in self.model.layers:
@@ -366,8 +370,9 @@ class FastDecoder:
             first = fine = None
             if fu.coarse_attn is not None or fu.last_attn is not None:
                 att = fu.coarse_attn if fu.coarse_attn is not None else fu.last_attn
-                e = fu.coarse_proj(packed.permute(1, 0, 2).reshape(-1, s * de)) if fu.coarse_attn is not None \
-                    else packed[-1]
+                if fu.coarse_attn is not None and concat is None:
+                    concat = packed.permute(1, 0, 2).reshape(-1, s * de)
+                e = fu.coarse_proj(concat) if fu.coarse_attn is not None else packed[-1]
                 first = KV(spread(att.k_proj(e)[None], h), spread(att.v_proj(e)[None], h))
             if fu.fine is not None:
                 ex = fu.fine
@@ -556,6 +561,33 @@ def make_query_set(texts: Sequence[str] | None, vectors: np.ndarray, *, n: int, 
 
 
 # ====================================================================== timing
+
+RETAIN_BYTES = 256 * 2**20  # freed blocks below this stay in the process (see retain_freed_memory)
+
+
+def retain_freed_memory(limit: int = RETAIN_BYTES) -> bool:
+    """Keep freed heap blocks of up to ``limit`` bytes in the process instead of returning them to
+    the OS (glibc ``mallopt`` M_MMAP_THRESHOLD and M_TRIM_THRESHOLD); False where that is not glibc.
+
+    Why: by default glibc maps blocks above a dynamic threshold (128 KiB, rising to at most 32 MiB)
+    afresh with ``mmap`` and unmaps them when freed, and trims the heap's free top back to the OS,
+    so the activations of each decoding step (a few MB at batch 100) are page-faulted in and zeroed
+    by the kernel again: ~10,000 minor faults per batch of 100 queries here, none with this. The
+    same reason PyTorch's CPU tuning guides swap in jemalloc/tcmalloc. It is process-wide, so every
+    system timed in the process (CART, dual tower, FAISS) gets it alike. Peak RSS may read higher."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, int(limit))) and bool(mallopt(m_trim_threshold, int(limit)))
+
 
 class PeakMemory:
     """Peak memory of one call: CUDA ``max_memory_allocated``, or the CPU process's RSS high-water
@@ -1148,6 +1180,7 @@ def run(params, root: str | os.PathLike = ".", *, progress: bool = True, track: 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     seed = params.base.seed
     t_start = time.perf_counter()
+    allocator_retains = retain_freed_memory()
 
     dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
     feats = load_features(paths.features, dataset)
@@ -1241,6 +1274,7 @@ def run(params, root: str | os.PathLike = ".", *, progress: bool = True, track: 
     metrics = summarise(table, flops_per_query=flops, matmul_flops=matmul)
     metrics["identifier_refit_matches_stage"] = None if math.isnan(refit_matches) else refit_matches
     metrics["trained_decoder_galleries"] = int(galleries["decoder_weights"].str.startswith("trained").sum())
+    metrics["allocator_retains_freed_memory"] = allocator_retains
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
 
     gpu = _read_gpu_rows(out_dir / "throughput_gpu.csv")
@@ -1290,7 +1324,8 @@ def _caption(*, label: str, device: torch.device, memory: PeakMemory, galleries,
         f"repeats after a warm-up.",
         f"Galleries sampled from the task's real item features (per-cluster low-rank Gaussians), CART identifiers "
         f"from the task's identifier model; level sizes and decoder weights: {weights}.",
-        f"Peak memory: {memory.kind}.",
+        f"Peak memory: {memory.kind}"
+        f"{'; freed blocks up to 256 MiB kept in the process (mallopt)' if metrics.get('allocator_retains_freed_memory') else ''}.",
         f"Decoder {metrics.get('decoder_flops_per_query', float('nan')) / 1e6:.0f} MFLOP/query; matmul rate "
         f"{metrics.get('matmul_gflops', float('nan')):.0f} GFLOP/s.",
     ]

@@ -7,7 +7,7 @@ queries, with paired 95% intervals. Needs the default run's data/features/identi
 and `results/evaluate/<task>/run.tsv`. The model is cached under models/<task>/variants/ (a rerun
 with the same schedule only evaluates); nothing under results/ is written.
 
-    .venv/bin/python scripts/probe_cart_budget.py --task audio --refs-per-item 5     # ~25 min on 2 cores
+    .venv/bin/python scripts/probe_cart_budget.py --task audio --epochs 5     # ~40 min on 2 cores
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", required=True, help="image | audio | video")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--refs-per-item", type=int, default=1, help="reference captions per train item (0 = all)")
+    ap.add_argument("--refs-per-item", type=int, default=0, help="reference captions per train item (0 = all, as the default run)")
     ap.add_argument("--max-train-items", type=int, default=0, help="train items used (0 = all)")
     ap.add_argument("--n-queries", type=int, default=1000, help="test queries evaluated (0 = all)")
     args = ap.parse_args()
