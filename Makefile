@@ -1,32 +1,47 @@
 # The two commands of the README:  `make reproduce`  and  `make test`.
-# Both create the virtualenv on first use and reuse it afterwards.
+# Both create the virtualenv on first use (exact versions from requirements.lock) and reuse it afterwards.
+# VENV may point at an existing virtualenv (the pipeline test passes the one it runs in, so it never reinstalls).
 PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+VENV   ?= .venv
+BIN    := $(abspath $(VENV))/bin
+STAMP  := $(abspath $(VENV))/.installed
+# dvc.yaml's stage commands call `cart-stage`: the venv's bin goes first on PATH, as `activate` would do,
+# so `make reproduce` works from a shell where nothing is activated
+STAGE_PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: reproduce test env smoke clean-env help
+.PHONY: reproduce test env lock stage-path clean-env help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-$(STAMP): pyproject.toml
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q "$$(grep -i '^pip==' requirements.lock)"
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-env: $(STAMP)  ## create / update the virtualenv (.venv) with the pinned dependencies
+env: $(STAMP)  ## create / update the virtualenv (.venv) with the locked dependencies
 
 reproduce: $(STAMP)  ## run the whole DVC pipeline on the built-in benchmark (default scale)
-	$(BIN)/dvc repro
+	PATH="$(STAGE_PATH)" $(BIN)/dvc repro $(DVC_ARGS)
 
 test: $(STAMP)  ## run the test suite (unit tests + smoke-scale pipeline)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+stage-path:  ## print the PATH under which `make reproduce` runs the stage commands
+	@echo "$(STAGE_PATH)"
+
+lock:  ## regenerate requirements.lock + environment.yml from pyproject.toml's ranges (needs PyPI, ~2 min)
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q -U pip
+	.venv-lock/bin/python -m pip install -q -e '.[dev]'
+	.venv-lock/bin/pip freeze --all --exclude-editable | $(PYTHON) scripts/lock.py
+	rm -rf .venv-lock
 
 clean-env:  ## remove the virtualenv
 	rm -rf $(VENV)

@@ -43,3 +43,28 @@ def test_unknown_task_is_named():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_dataclass_defaults_equal_params_yaml():
+    """One source of defaults: `Params()` (no file) is the suite's params.yaml, key by key.
+
+    `ablations.rows` is exempt: it is the list of experiments, not a hyperparameter default.
+    """
+    import dataclasses
+
+    import yaml
+
+    from cartlib.config import SECTIONS, Params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw.pop("smoke")
+    from_file, defaults = params_from_dict(raw), Params()
+    drift = [f"{name}.{f.name}: dataclass {getattr(getattr(defaults, name), f.name)!r} != "
+             f"params.yaml {getattr(getattr(from_file, name), f.name)!r}"
+             for name in SECTIONS for f in dataclasses.fields(SECTIONS[name])
+             if (name, f.name) != ("ablations", "rows")
+             and getattr(getattr(defaults, name), f.name) != getattr(getattr(from_file, name), f.name)]
+    assert not drift, "\n".join(drift)
+    missing = [f"{name}.{f.name}" for name in SECTIONS for f in dataclasses.fields(SECTIONS[name])
+               if f.name not in (raw.get(name) or {})]
+    assert not missing, f"keys with a dataclass default but absent from params.yaml: {missing}"
