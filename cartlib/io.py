@@ -53,6 +53,13 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def write_notebook(path: str | os.PathLike, nb: dict) -> Path:
+    """Write a notebook (nbformat 4 dict) in nbformat's own on-disk layout, so diffs stay readable."""
+    import nbformat
+
+    return write_text(path, nbformat.writes(nbformat.from_dict(nb), version=4) + "\n")
+
+
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -64,6 +71,13 @@ def write_dataframe_tsv(path: str | os.PathLike, frame) -> Path:
     """Write a pandas DataFrame as a tab-separated file with a header and no index."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, sep="\t", index=False)
+    return Path(path)
+
+
+def write_dataframe_csv(path: str | os.PathLike, frame) -> Path:
+    """Write a pandas DataFrame as a comma-separated file with a header and no index."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return Path(path)
 
 
@@ -88,13 +102,19 @@ def torch_load(path: str | os.PathLike, *, map_location: str = "cpu") -> Any:
         raise ValueError(f"{path}: cannot be read as a torch checkpoint ({e.__class__.__name__}: {e})") from None
 
 
+# Run-independent file metadata, so saving the same figure twice gives the same bytes: no creation
+# date in the PDF (matplotlib would stamp the current time); the PNG carries only a constant
+# `Software` line (the matplotlib version), no time.
+_FIGURE_METADATA = {"pdf": {"CreationDate": None, "ModDate": None}, "png": {}}
+
+
 def save_figure(fig, stem: str | os.PathLike) -> list[Path]:
-    """Save a matplotlib Figure as `<stem>.png` (reading) and `<stem>.pdf` (papers)."""
+    """Save a matplotlib Figure as `<stem>.png` (reading) and `<stem>.pdf` (papers), byte-stable."""
     out = []
     for ext in ("png", "pdf"):
         path = Path(f"{stem}.{ext}")
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight", metadata=_FIGURE_METADATA[ext])
         out.append(path)
     return out
 

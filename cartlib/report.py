@@ -1,6 +1,7 @@
 """Stage `report`: the main and ablation tables and ``results/REPORT.md``, from the stages' results.
 
-Reads only what the other stages wrote (``results/**/metrics.json``, ``run.tsv``, tables) and the
+Reads only what the other stages wrote (``results/**/metrics.json`` with its ``timings.json``, ``run.tsv``,
+tables with their ``.timings.tsv``; see ``cartlib.results``) and the
 qrels; computes nothing expensive. Every claim of the paper gets our evidence, a verdict and the
 paper's number beside ours. Differences between two generative rows are *paired* (the same test
 queries), with a 95% interval from the per-query hits, so a verdict is not read into noise:
@@ -60,6 +61,24 @@ def _json(path: Path) -> dict | None:
     return io.read_json(path) if path.exists() else None
 
 
+def _measured(metrics_path: Path) -> dict | None:
+    """A stage's metrics.json with its timings.json beside it (speeds live there); None if no metrics."""
+    m = _json(metrics_path)
+    return None if m is None else {**m, **(_json(metrics_path.with_name("timings.json")) or {})}
+
+
+def _table(path: Path) -> pd.DataFrame | None:
+    """A stage's `<name>.tsv` with the measurement columns of `<name>.timings.tsv` (same rows, same order)."""
+    if not path.exists():
+        return None
+    frame = pd.read_csv(path, sep="\t")
+    timings = path.with_suffix(".timings.tsv")
+    if timings.exists():
+        t = pd.read_csv(timings, sep="\t")
+        frame = pd.concat([frame, t[[c for c in t.columns if c not in frame.columns]]], axis=1)
+    return frame
+
+
 def hits_at_1(run_path: Path, qrels: pd.DataFrame) -> pd.Series:
     """Per query of the run: 1 if its rank-1 item is relevant (run.tsv contract), indexed by query_id.
     Queries of the run with no rank-1 row count as misses; queries not in the run are left out."""
@@ -94,22 +113,23 @@ def main_table(root: Path, params: Params) -> pd.DataFrame:
     for task in params.base.tasks:
         res = root / "results"
         dual = _json(res / "features" / task / "metrics.json")
-        systems = res / "baselines" / task / "systems.tsv"
-        baseline_rows = pd.read_csv(systems, sep="\t").to_dict("records") if systems.exists() else []
+        systems = _table(res / "baselines" / task / "systems.tsv")
+        baseline_rows = systems.to_dict("records") if systems is not None else []
         if dual:
             # the features stage's metrics, with the search speed the baselines stage measured for it
-            speed = [r["queries_per_second"] for r in baseline_rows if r["system"] == "dual_tower_exact"]
+            speed = [r["queries_per_second"] for r in baseline_rows
+                     if r["system"] == "dual_tower_exact" and "queries_per_second" in r]
             rows.append({"task": task, "system": "dual-tower (our encoder), exact", "schedule": "—", **dual,
                          **({"queries_per_second": speed[0]} if speed else {})})
         for r in baseline_rows:
             if r["system"] != "dual_tower_exact":
                 rows.append({"task": task, **r, "system": r["description"], "schedule": "—"})
         for scheme in params.compare.schemes:
-            m = _json(res / "compare" / task / scheme / "metrics.json")
+            m = _measured(res / "compare" / task / scheme / "metrics.json")
             if m:
                 rows.append({"task": task, "system": f"generative, {SCHEME_NAMES.get(scheme, scheme)}",
                              "schedule": "compare", **m})
-        cart = _json(res / "evaluate" / task / "metrics.json")
+        cart = _measured(res / "evaluate" / task / "metrics.json")
         if cart:
             rows.append({"task": task, "system": "**CART** (main run)", "schedule": "main", **cart})
     cols = ["task", "system", "schedule", *METRICS, "queries_per_second", "n_queries", "n_candidates"]
@@ -256,7 +276,7 @@ def claims_table(root: Path, params: Params, main: pd.DataFrame, abl: pd.DataFra
                        f"w/o: Δ R@1 {d:+.3f} ± {h:.3f}", paper("no_consistency"), verdict,
                        "results/tables/ablations.md"))
     # 4. throughput
-    tp = _json(res / "throughput" / "metrics.json")
+    tp = _measured(res / "throughput" / "metrics.json")
     if tp:
         flat = tp.get("flatness_ratio")
         cross = tp.get("crossover_n_candidates")

@@ -42,9 +42,13 @@ def flatten(prefix: str, obj: Any) -> dict[str, Any]:
     return {prefix: obj}
 
 
-def log_run(*, root: str | os.PathLike, stage: str, task: str, params: Mapping[str, Any],
+def log_run(*, root: str | os.PathLike, stage: str, task: str | None, params: Mapping[str, Any],
             metrics: Mapping[str, float], artifacts: list[str | os.PathLike] = (), variant: str | None = None) -> str | None:
-    """Log one stage run; returns the MLflow run id, or None (with a warning) if tracking failed."""
+    """Log one stage run; returns the MLflow run id, or None (with a warning) if tracking failed.
+
+    Run name `<stage>/<task>[/<variant>]`; a suite stage (task None) is named `<stage>` alone.
+    """
+    name = "/".join(part for part in (stage, task, variant) if part)
     try:
         import logging
 
@@ -56,8 +60,7 @@ def log_run(*, root: str | os.PathLike, stage: str, task: str, params: Mapping[s
         if mlflow.get_experiment_by_name(EXPERIMENT) is None:
             mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "mlruns").as_uri())
         mlflow.set_experiment(EXPERIMENT)
-        name = f"{stage}/{task}" + (f"/{variant}" if variant else "")
-        tags = {"git_sha": git_sha(root), "stage": stage, "task": task}
+        tags = {"git_sha": git_sha(root), "stage": stage, **({"task": task} if task else {})}
         if variant:
             tags["variant"] = variant
         with mlflow.start_run(run_name=name, tags=tags) as run:
@@ -68,5 +71,5 @@ def log_run(*, root: str | os.PathLike, stage: str, task: str, params: Mapping[s
                     mlflow.log_artifact(str(path))
             return run.info.run_id
     except Exception as e:  # tracking must never lose results on disk
-        warnings.warn(f"MLflow tracking failed for {stage}/{task}: {e.__class__.__name__}: {e}", stacklevel=2)
+        warnings.warn(f"MLflow tracking failed for {name}: {e.__class__.__name__}: {e}", stacklevel=2)
         return None
