@@ -14,7 +14,9 @@ then cosine decay to 0, gradient-norm clipping, tqdm bars, an atomic checkpoint 
 (through :mod:`cartlib.io`, the only writer). ``resume=True`` continues from the last checkpoint
 and, on the CPU with a fixed seed, ends with bit-identical weights to an uninterrupted run: the
 shuffle of epoch e comes from a generator seeded with ``seed + e``, and the RNG states that drive
-dropout are saved and restored.
+dropout are saved and restored. A checkpoint is keyed by everything that produced it
+(:mod:`cartlib.cache_key`: settings, data and training code); one with another key is stale: it is
+never loaded, a line says why, and training starts from scratch.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cartlib.cache_key import WeightsKey, weights_key
 from cartlib.decode import constrained_beam_search
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.ids.vocab import Vocabulary
@@ -36,15 +39,10 @@ from cartlib.io import torch_load, torch_save
 from cartlib.model.cart import CartModel, EncoderStates
 
 __all__ = ["ValidationSet", "TrainResult", "train_cart", "cart_loss", "LossParts", "CHECKPOINT_NAME", "EncodedTexts",
-           "length_bucketed_batches"]
+           "length_bucketed_batches", "model_signature"]
 
 CHECKPOINT_NAME = "last.pt"
-_FORMAT = "cartlib.train.cart/v1"
-# fields that must match for a resumed run to continue the same run
-_RESUME_KEYS = (
-    "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_clip",
-    "consistency_weight", "seed", "max_length", "n_texts", "level_sizes",
-)
+_FORMAT = "cartlib.train.cart/v2"  # v2: keyed by a cache_key.WeightsKey (v1 checkpoints are stale)
 
 
 class ValidationSet(NamedTuple):
@@ -121,16 +119,19 @@ def train_cart(
     val_batch_size: int = 128,
     resume: bool = False,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    key: WeightsKey | None = None,
 ) -> TrainResult:
     """Train ``model`` to generate identifier ``codes[i] (L,)`` from ``texts[i]`` (CART).
 
     ``codes (Q, L)``: the target identifier of every training text (caption enhancement = the
     pseudo-captions are simply more rows). ``val``: ``(texts, items, prefix_index, codes)`` for
     recall@1 by constrained beam search (beam ``val_beam``) after each epoch. ``checkpoint_dir``:
-    where ``last.pt`` is written after every epoch. ``resume``: continue from it if it exists (a
-    fresh start otherwise); it must come from the same identifier table (fingerprint of ``codes``,
-    see :meth:`cartlib.ids.vocab.Vocabulary.fingerprint`) and the same settings, else ValueError.
-    ``on_epoch_end(epoch, record)`` runs after the checkpoint is written.
+    where ``last.pt`` is written after every epoch. ``resume``: continue from it if it exists and was
+    written under the same ``key``; a fresh start otherwise (a stale checkpoint is never loaded, a
+    line says what differed, and the next save overwrites it). ``key``: what identifies this run's
+    weights (:func:`cartlib.cache_key.run_key` in the stages, covering the whole TrainConfig); by
+    default a key of this function's arguments, the model's architecture, the data and the
+    training code. ``on_epoch_end(epoch, record)`` runs after the checkpoint is written.
 
     Seeds torch, numpy and python's ``random`` from ``seed`` (like HF ``set_seed``). A frozen
     encoder's weights are not stored in the checkpoint: resume with the same encoder.
@@ -147,12 +148,13 @@ def train_cart(
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs a checkpoint_dir")
-    fingerprint = Vocabulary(level_sizes=model.level_sizes).fingerprint(codes.numpy())  # checks code ranges
-    config = {
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-        "warmup_ratio": warmup_ratio, "grad_clip": grad_clip, "consistency_weight": consistency_weight,
-        "seed": seed, "max_length": max_length, "n_texts": q, "level_sizes": list(model.level_sizes),
-    }
+    Vocabulary(level_sizes=model.level_sizes).check_codes(codes.numpy())  # codes inside the vocabulary
+    if key is None:
+        settings = {"train_cart": {
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+            "warmup_ratio": warmup_ratio, "grad_clip": grad_clip, "consistency_weight": consistency_weight,
+            "seed": seed, "max_length": max_length, "val_beam": val_beam}, "model": model_signature(model)}
+        key = weights_key(settings=settings, texts=texts, targets=codes, val=val)
     device = model.device
     ids, mask = _tokenize(tokenizer, texts, max_length)  # pretokenised once, (Q, T) on the CPU
     lengths = mask.sum(1)
@@ -172,8 +174,9 @@ def train_cart(
 
     start_epoch, history = 0, []
     ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-    if resume and ckpt_path.exists():
-        start_epoch, history = _restore(ckpt_path, model, optimizer, scheduler, fingerprint, config)
+    restored = _restore(ckpt_path, model, optimizer, scheduler, key) if resume and ckpt_path.exists() else None
+    if restored is not None:
+        start_epoch, history = restored
     else:
         _seed_everything(seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -223,7 +226,7 @@ def train_cart(
         history.append(record)
         epoch_bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_recall_at_1") if k in record})
         if ckpt_path is not None:
-            _save(ckpt_path, model, optimizer, scheduler, epoch + 1, history, fingerprint, config)
+            _save(ckpt_path, model, optimizer, scheduler, epoch + 1, history, key)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     epoch_bar.close()
@@ -356,7 +359,21 @@ def _model_state(model: CartModel) -> dict[str, Tensor]:
     return state
 
 
-def _save(path: Path, model, optimizer, scheduler, epoch: int, history, fingerprint: str, config) -> None:
+def model_signature(model: CartModel) -> dict[str, Any]:
+    """The architecture of ``model`` as plain values (the default key's view of the model; the
+    stages key by their TrainConfig instead)."""
+    enc = model.encoder.config
+    return {
+        "class": type(model).__qualname__, "level_sizes": list(model.level_sizes), "d_model": int(model.d_model),
+        "n_layers": len(model.layers), "n_heads": int(model.n_heads), "dropout": float(model.emb_drop.p),
+        "d_ff": int(model.layers[0].ff[0].out_features) if len(model.layers) else None,
+        "fusion": str(model.fusion_mode.value), "freeze_encoder": bool(model.freeze_encoder),
+        "encoder": {"type": str(getattr(enc, "model_type", "")), "layers": int(model.n_enc_layers),
+                    "width": int(model.d_enc), "vocab_size": int(getattr(enc, "vocab_size", 0))},
+    }
+
+
+def _save(path: Path, model, optimizer, scheduler, epoch: int, history, key: WeightsKey) -> None:
     torch_save(
         {
             "format": _FORMAT,
@@ -367,27 +384,28 @@ def _save(path: Path, model, optimizer, scheduler, epoch: int, history, fingerpr
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
             "history": history,
-            "fingerprint": fingerprint,
-            "config": config,
+            "key": key.as_dict(),
         },
         path,
     )
 
 
-def _restore(path: Path, model, optimizer, scheduler, fingerprint: str, config) -> tuple[int, list[dict[str, float]]]:
-    ck = torch_load(path)
-    if not isinstance(ck, dict) or ck.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not a CART training checkpoint")
-    if ck["fingerprint"] != fingerprint:
-        raise ValueError(
-            f"{path}: checkpoint was trained against another identifier table "
-            f"(fingerprint {ck['fingerprint'][:12]}…, this run {fingerprint[:12]}…); "
-            "delete it or point checkpoint_dir elsewhere"
-        )
-    diff = [k for k in _RESUME_KEYS if ck["config"].get(k) != config.get(k)]
-    if diff:
-        pairs = ", ".join(f"{k}: {ck['config'].get(k)!r} -> {config.get(k)!r}" for k in diff)
-        raise ValueError(f"{path}: cannot resume with different settings ({pairs})")
+def _restore(path: Path, model, optimizer, scheduler, key: WeightsKey) -> tuple[int, list[dict[str, float]]] | None:
+    """Load the checkpoint at ``path`` into the model, optimizer, scheduler and RNGs and return
+    (epochs done, history); None, touching nothing, when it is stale (the reason is printed)."""
+    try:
+        ck = torch_load(path)
+    except ValueError as e:  # truncated or foreign: as stale as a checkpoint gets
+        reason = str(e)
+    else:
+        if not isinstance(ck, dict) or ck.get("format") != _FORMAT:
+            reason = "not a checkpoint of this version of cartlib.train"
+        else:
+            reason = key.stale_reason(ck.get("key"))
+    if reason is not None:
+        print(f"train_cart: ignoring the stale checkpoint {path}: {reason}; training from scratch")
+        return None
+    # the key matched, so these can only fail on a corrupted file: raise, never train on half-loaded weights
     if ck["frozen_encoder"] != model.freeze_encoder:
         raise ValueError(f"{path}: checkpoint has freeze_encoder={ck['frozen_encoder']}, the model {model.freeze_encoder}")
     missing, unexpected = model.load_state_dict(ck["model"], strict=False)

@@ -3,8 +3,9 @@
 The notebook defines no function; everything it needs beyond the library's own API lives here:
 a tiny in-memory dataset (one gallery, its captions split into training and test queries), the
 item features (a media tower trained into the frozen MiniLM space, which is also the dual-tower
-baseline), a step-by-step trace of the constrained beam search, and one figure per step of the
-method. Every figure function returns a matplotlib Figure and writes no file.
+baseline), and a step-by-step trace of the constrained beam search. Training pairs, ranking and
+the beam search are the stages' own (`cartlib.stages.train`, `cartlib.stages.evaluate`,
+`cartlib.decode`); the figures are in `cartlib.viz`.
 
 Setting (a teaching choice, not the pipeline's split): the gallery is all `n_items` items. Each
 item's first reference captions (and, with caption enhancement, its pseudo-captions) are training
@@ -14,38 +15,33 @@ baseline see the same items and the same training captions.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cartlib import viz  # noqa: F401  (sets the headless backend before pyplot is imported)
 from cartlib.baselines import exact_topk
-from cartlib.data import synthetic
-from cartlib.decode import GenerationOutput, constrained_beam_search
+from cartlib.data import schema, synthetic
+from cartlib.decode import LevelState, constrained_beam_search
 from cartlib.encoders import contrastive, media as media_towers
 from cartlib.encoders.text import encode_sentences
-from cartlib.ids.prefix import DEAD, PrefixIndex
+from cartlib.ids.prefix import PrefixIndex
 from cartlib.metrics import retrieval_metrics
 from cartlib.model.cart import CartModel, EncoderStates
-
-import matplotlib.pyplot as plt  # noqa: E402  (after cartlib.viz chose the backend)
+from cartlib.stages.evaluate import Ranking, decode_texts
+from cartlib.stages.train import TrainingPairs, training_pairs as stage_training_pairs
+from cartlib.viz import level_names
 
 __all__ = [
-    "TutorialData", "TrainingPairs", "FeatureResult", "LevelTrace", "BeamTrace",
-    "setup_notebook", "make_data", "caption_table", "training_pairs", "item_features",
-    "level_names", "identifier_frame", "tree_layout", "TreeLayout",
-    "encode_queries", "trace_beam_search", "trace_frame", "final_beams", "cart_rankings", "dual_tower_rankings",
-    "fusion_alpha", "recall_table",
-    "plot_items", "plot_clusters", "plot_residuals", "plot_rqvae_levels", "plot_identifier_tree",
-    "plot_training", "plot_beam_trace", "plot_fusion_alpha", "plot_recall",
+    "TutorialData", "FeatureResult", "LevelTrace", "BeamTrace",
+    "setup_notebook", "make_data", "as_dataset", "caption_table", "training_pairs", "item_features",
+    "identifier_frame", "encode_queries", "trace_beam_search", "trace_frame", "trace_summary", "final_beams",
+    "cart_rankings", "dual_tower_rankings", "fusion_alpha", "recall_table",
 ]
-
-_STATUS_COLOURS = {"kept": "tab:green", "cut by beam width": "lightgrey", "removed by prefix constraint": "tab:red"}
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -95,12 +91,6 @@ class TutorialData(NamedTuple):
         return np.repeat(np.arange(len(self.captions)), self.n_test_captions)
 
 
-class TrainingPairs(NamedTuple):
-    texts: list[str]  # training queries
-    rows: np.ndarray  # (Q,) gallery row whose identifier each text targets
-    kinds: np.ndarray  # (Q,) "reference" or "pseudo"
-
-
 def make_data(*, task: str = "image", n_items: int, seed: int, n_captions: int = 5, n_pseudo: int = 2,
               n_test_captions: int = 2, captioner_error_rate: float = 0.3) -> TutorialData:
     """Render `n_items` items of `task` with `cartlib.data.synthetic.generate` (in memory)."""
@@ -125,17 +115,24 @@ def make_data(*, task: str = "image", n_items: int, seed: int, n_captions: int =
     )
 
 
-def training_pairs(data: TutorialData, *, caption_enhancement: bool) -> TrainingPairs:
-    """Training reference captions → their item; with caption enhancement also every pseudo-caption."""
-    texts, rows, kinds = [], [], []
-    for row, caps in enumerate(data.captions):
-        for text in caps[:len(caps) - data.n_test_captions]:
-            texts.append(text), rows.append(row), kinds.append("reference")
-    if caption_enhancement:
-        for row, caps in enumerate(data.pseudo_captions):
-            for text in caps:
-                texts.append(text), rows.append(row), kinds.append("pseudo")
-    return TrainingPairs(texts, np.asarray(rows, dtype=np.int64), np.asarray(kinds))
+def as_dataset(data: TutorialData) -> schema.Dataset:
+    """The tutorial's gallery as an in-memory :class:`~cartlib.data.schema.Dataset` holding only what
+    may be trained on: every item in the train split, its training reference captions and its
+    pseudo-captions (the test queries are left out, so no builder can train on them)."""
+    items = pd.DataFrame({"item_id": data.item_ids, "split": "train", "media_index": np.arange(len(data.item_ids)),
+                          "media_path": "", "attributes": "{}"})
+    caps = []
+    for item_id, refs, pseudo in zip(data.item_ids, data.captions, data.pseudo_captions):
+        caps += [(f"{item_id}-c{j}", item_id, "reference", t) for j, t in enumerate(refs[:len(refs) - data.n_test_captions])]
+        caps += [(f"{item_id}-p{j}", item_id, "pseudo", t) for j, t in enumerate(pseudo)]
+    captions = pd.DataFrame(caps, columns=["caption_id", "item_id", "kind", "text"])
+    return schema.Dataset(Path("."), {"task": data.task}, items, captions, data.media)
+
+
+def training_pairs(data: TutorialData, *, caption_enhancement: bool, seed: int = 0) -> TrainingPairs:
+    """Training reference captions → their item; with caption enhancement also every pseudo-caption.
+    The `train` stage's builder (:func:`cartlib.stages.train.training_pairs`) on :func:`as_dataset`."""
+    return stage_training_pairs(as_dataset(data), caption_enhancement=caption_enhancement, n_val_items=0, seed=seed)
 
 
 def caption_table(data: TutorialData, *, rows: Sequence[int]) -> pd.DataFrame:
@@ -181,11 +178,6 @@ def item_features(data: TutorialData, *, tokenizer, text_model, epochs: int, see
 
 
 # ------------------------------------------------------------------------------ identifiers
-def level_names(n_levels: int) -> list[str]:
-    """Names of CART's identifier levels `(k, v1..vM, u)` for M = `n_levels` RQ-VAE levels."""
-    return ["k", *(f"v{m}" for m in range(1, n_levels + 1)), "u"]
-
-
 def identifier_frame(codes: np.ndarray, *, labels: Sequence[str], rows: Sequence[int] | None = None) -> pd.DataFrame:
     """Identifier table (one column per level) with a label per item, for `rows` (default all)."""
     codes = np.asarray(codes)
@@ -193,36 +185,6 @@ def identifier_frame(codes: np.ndarray, *, labels: Sequence[str], rows: Sequence
     frame = pd.DataFrame(codes[rows], columns=level_names(codes.shape[1] - 2), index=rows)
     frame["item"] = [labels[r] for r in rows]
     return frame
-
-
-class TreeLayout(NamedTuple):
-    """Drawing positions of a prefix tree: nodes by (depth, prefix), leaves in lexicographic order."""
-
-    nodes: dict[tuple[int, ...], tuple[float, float]]  # prefix (length = depth) -> (x = depth, y)
-    edges: list[tuple[tuple[int, ...], tuple[int, ...]]]  # (parent prefix, child prefix)
-    leaves: list[int]  # gallery rows, top to bottom
-
-
-def tree_layout(codes: np.ndarray, *, clusters: Sequence[int]) -> TreeLayout:
-    """Layout of the prefix tree of the items whose coarse token is in `clusters`.
-
-    Leaves (full identifiers) sit at y = 0, 1, 2, … in lexicographic order; every inner node at
-    the mean y of its children; x is the depth (0 = root).
-    """
-    codes = np.asarray(codes)
-    keep = np.flatnonzero(np.isin(codes[:, 0], list(clusters)))
-    if keep.size == 0:
-        raise ValueError(f"no item has a coarse token in {list(clusters)}")
-    order = keep[np.lexsort(codes[keep].T[::-1])]
-    depth = codes.shape[1]
-    ys: dict[tuple[int, ...], list[float]] = {}
-    for y, row in enumerate(order):
-        ident = tuple(int(c) for c in codes[row])
-        for d in range(depth + 1):
-            ys.setdefault(ident[:d], []).append(float(y))
-    nodes = {p: (float(len(p)), float(np.mean(v))) for p, v in ys.items()}
-    edges = [(p[:-1], p) for p in nodes if p]
-    return TreeLayout(nodes, edges, [int(r) for r in order])
 
 
 # ------------------------------------------------------------------------------ beam search
@@ -255,48 +217,19 @@ def encode_queries(model: CartModel, tokenizer, texts: Sequence[str], *, max_len
 
 def trace_beam_search(model: CartModel, *, encoded: EncoderStates, prefix_index: PrefixIndex, beam: int,
                       top_k: int) -> BeamTrace:
-    """Constrained beam search for ONE query, level by level, keeping what each step saw.
-
-    The same computation as `cartlib.decode.constrained_beam_search` (`model.memory` once, then per
-    level `model.step`, `PrefixIndex.allowed`, a top-`beam` over beams × codes, `PrefixIndex.advance`),
-    written out for a single query so every intermediate can be shown.
-    """
+    """Constrained beam search for ONE query, keeping what each level saw: the suite's decoder
+    (:func:`cartlib.decode.constrained_beam_search`) with its ``on_level`` hook, not a copy of it."""
     if encoded.mask.shape[0] != 1:
         raise ValueError(f"trace one query at a time; got a batch of {encoded.mask.shape[0]}")
-    if not 1 <= top_k <= beam:
-        raise ValueError(f"need 1 <= top_k <= beam, got top_k={top_k}, beam={beam}")
-    model.eval()
-    levels = []
-    with torch.inference_mode():
-        memory = model.memory(encoded)
-        scores = torch.zeros(1, 1)  # (1, W)
-        codes = torch.zeros(1, 1, 0, dtype=torch.long)  # (1, W, l)
-        states = prefix_index.root(1)[:, None]  # (1, W) prefix-tree nodes
-        cache, prev = None, None
-        for level in range(model.depth):
-            k = model.level_sizes[level]
-            step = model.step(memory, cache, prev, level)
-            logp = torch.log_softmax(step.logits.float(), -1)  # (1, W, K)
-            w = logp.shape[1]
-            allowed = prefix_index.allowed(states.reshape(-1), level).view(1, w, k)
-            cand = (scores[:, :, None] + logp.masked_fill(~allowed, -math.inf)).view(1, w * k)
-            new_scores, flat = cand.topk(min(beam, w * k), dim=1)
-            parent = torch.div(flat, k, rounding_mode="floor")
-            code = flat - parent * k
-            levels.append(LevelTrace(level, codes[0].numpy().copy(), scores[0].numpy().copy(), logp[0].numpy().copy(),
-                                     allowed[0].numpy().copy(), parent[0].numpy().copy(), code[0].numpy().copy(),
-                                     new_scores[0].numpy().copy()))
-            codes = torch.cat((codes.gather(1, parent[:, :, None].expand(-1, -1, level)), code[:, :, None]), 2)
-            states = prefix_index.advance(states.gather(1, parent).reshape(-1), level, code.reshape(-1)).view(1, -1)
-            scores = new_scores
-            if level + 1 < model.depth:
-                cache = step.cache.reorder(parent.reshape(-1))
-                prev = code
-        scores, codes = scores[:, :top_k], codes[:, :top_k]
-        alive = scores > -math.inf
-        items = prefix_index.item_index(states[:, :top_k].masked_fill(~alive, DEAD))
-        codes = codes.masked_fill(~alive[:, :, None], DEAD)
-    return BeamTrace(tuple(levels), items[0].numpy(), scores[0].numpy(), codes[0].numpy())
+    levels: list[LevelTrace] = []
+
+    def keep(s: LevelState) -> None:
+        allowed = s.allowed if s.allowed is not None else torch.ones_like(s.log_probs, dtype=torch.bool)
+        levels.append(LevelTrace(s.level, *(x[0].cpu().numpy().copy() for x in (
+            s.prefixes, s.prefix_scores, s.log_probs, allowed, s.parents, s.codes, s.scores))))
+
+    out = constrained_beam_search(model.eval(), encoded, prefix_index, beam=beam, top_k=top_k, on_level=keep)
+    return BeamTrace(tuple(levels), out.items[0].cpu().numpy(), out.scores[0].cpu().numpy(), out.codes[0].cpu().numpy())
 
 
 def trace_frame(trace: BeamTrace, *, top: int = 10, level: int | None = None) -> pd.DataFrame:
@@ -323,6 +256,16 @@ def trace_frame(trace: BeamTrace, *, top: int = 10, level: int | None = None) ->
     return pd.concat(frames, ignore_index=True)
 
 
+def trace_summary(trace: BeamTrace) -> pd.DataFrame:
+    """Per level: beams entering, and how many of their next codes the prefix index allows."""
+    rows = []
+    for t in trace.levels:
+        live = np.isfinite(t.prefix_scores)
+        rows.append({"level": t.level, "beams_in": len(t.prefix_scores), "valid_next": int(t.allowed[live].sum()),
+                     "all_next": int(live.sum()) * t.log_probs.shape[1]})
+    return pd.DataFrame(rows)
+
+
 def final_beams(trace: BeamTrace, *, labels: Sequence[str], gold: int | None = None) -> pd.DataFrame:
     """The ranked list the trace returns: identifier, score, item label (and whether it is `gold`)."""
     frame = pd.DataFrame({
@@ -336,14 +279,12 @@ def final_beams(trace: BeamTrace, *, labels: Sequence[str], gold: int | None = N
 
 
 def cart_rankings(model: CartModel, tokenizer, texts: Sequence[str], *, prefix_index: PrefixIndex, beam: int,
-                  top_k: int = 10, batch_size: int = 128, max_length: int = 48) -> GenerationOutput:
-    """Constrained beam search for every query text (in batches); items are gallery rows."""
+                  top_k: int = 10, batch_size: int = 128, max_length: int = 48) -> Ranking:
+    """Constrained beam search for every query text, exactly as the `evaluate` stage ranks
+    (:func:`cartlib.stages.evaluate.decode_texts`); items are gallery rows (-1 = none)."""
     top_k = min(top_k, beam, prefix_index.n_items)
-    parts = [constrained_beam_search(model, encode_queries(model, tokenizer, texts[lo:lo + batch_size],
-                                                           max_length=max_length),
-                                     prefix_index, beam=beam, top_k=top_k)
-             for lo in range(0, len(texts), batch_size)]
-    return GenerationOutput(*(torch.cat(x) for x in zip(*parts)))
+    return decode_texts(model, tokenizer, list(texts), prefix_index, beam=beam, top_k=top_k, batch_size=batch_size,
+                        max_length=max_length)
 
 
 def dual_tower_rankings(features: FeatureResult, *, top_k: int = 10) -> np.ndarray:
@@ -369,243 +310,3 @@ def fusion_alpha(model: CartModel) -> np.ndarray | None:
     return np.stack(alphas) if alphas else None
 
 
-# ---------------------------------------------------------------------------------- figures
-def plot_items(data: TutorialData, *, n: int = 4):
-    """Step 1: rendered items with a reference caption and a pseudo-caption (`cartlib.viz`)."""
-    fig = viz.media_samples(data.task, data.media[:n], [c[0] for c in data.captions[:n]],
-                            [p[0] for p in data.pseudo_captions[:n]], n=n)
-    fig.suptitle(f"{data.task}: rendered items with a reference caption and a pseudo-caption", fontsize=9,
-                 y=1.04)  # above the captions
-    return fig
-
-
-def _pca(x: np.ndarray):
-    """A 2-component PCA fitted on `x` (N, D)."""
-    from sklearn.decomposition import PCA
-
-    return PCA(n_components=2, random_state=0).fit(x)
-
-
-def plot_clusters(features: np.ndarray, *, labels: np.ndarray, centers: np.ndarray):
-    """Step 2: item features in 2-D (PCA) coloured by K-Means cluster, centroids as crosses."""
-    pca = _pca(features)
-    xy, cxy = pca.transform(features), pca.transform(centers)
-    k = len(centers)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.4, 1]})
-    cmap = plt.get_cmap("tab20", max(k, 2))
-    ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=k - 0.5, s=14, alpha=0.8)
-    ax.scatter(cxy[:, 0], cxy[:, 1], c=np.arange(k), cmap=cmap, vmin=-0.5, vmax=k - 0.5, marker="X", s=140,
-               edgecolors="black", linewidths=1.0)
-    for i, (x, y) in enumerate(cxy):
-        ax.annotate(str(i), (x, y), fontsize=7, ha="center", va="center", color="white", weight="bold")
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.set_title(f"item features (PCA of {features.shape[1]}-d) and the K = {k} centroids", fontsize=9)
-    sizes = np.bincount(labels, minlength=k)
-    bx.bar(np.arange(k), sizes, color=[cmap(i) for i in range(k)])
-    bx.set_xticks(np.arange(0, k, max(1, k // 8)))
-    bx.set_xlabel("coarse token k")
-    bx.set_ylabel("items")
-    bx.set_title("items per cluster", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_residuals(features: np.ndarray, *, labels: np.ndarray, centers: np.ndarray):
-    """Step 3: the residuals x − centroid_k: all clusters move to the origin, and they are small."""
-    residual = features - centers[labels]
-    comps = _pca(features).components_  # the axes of the cluster plot, so the scales compare
-    xy = (features - features.mean(0)) @ comps.T
-    rxy = residual @ comps.T  # residuals are centred on 0 already (centroids are cluster means)
-    k = len(centers)
-    cmap = plt.get_cmap("tab20", max(k, 2))
-    lim = 1.05 * np.abs(xy).max()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    for ax, pts, title in ((axes[0], xy, "features x (centred)"), (axes[1], rxy, "residuals x − centroid_k")):
-        ax.scatter(pts[:, 0], pts[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=k - 0.5, s=12, alpha=0.8)
-        ax.set_title(f"{title}, same PCA axes", fontsize=9)
-        ax.set_xlabel("PC 1")
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.axvline(0, color="grey", lw=0.5)
-    norms, res_norms = np.linalg.norm(features, axis=1), np.linalg.norm(residual, axis=1)
-    bins = np.linspace(0.0, 1.05 * max(norms.max(), res_norms.max(), 1e-6), 42)  # shared: unit norms are one spike
-    axes[2].hist(norms, bins=bins, alpha=0.7, label="‖x‖")
-    axes[2].hist(res_norms, bins=bins, alpha=0.7, label="‖x − centroid_k‖")
-    axes[2].legend(fontsize=8)
-    axes[2].set_xlabel("norm")
-    axes[2].set_title("what the RQ-VAE still has to encode", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_rqvae_levels(identifier, features: np.ndarray):
-    """Step 4: items per code at every RQ-VAE level, and the error left after each level.
-
-    `identifier`: a fitted `cartlib.ids.schemes.CartIdentifier`.
-    """
-    rq = identifier.rqvae_
-    codes = identifier.codes_
-    m = len(rq.codebook_sizes)
-    centroid = identifier.cluster_centers_[identifier.labels_]
-    den = np.linalg.norm(features)
-    errors = [np.linalg.norm(features - centroid) / den]
-    for level in range(1, m + 1):  # centroid + the residual decoded from the first `level` codes
-        x_hat = centroid + rq.reconstruct(codes[:, 1:1 + m], n_levels=level)
-        errors.append(np.linalg.norm(features - x_hat) / den)
-    fig, axes = plt.subplots(1, m + 2, figsize=(3.2 * (m + 2), 3.3))
-    for level in range(m):
-        counts = np.bincount(codes[:, 1 + level], minlength=rq.codebook_sizes[level])
-        p = counts[counts > 0] / counts.sum()
-        axes[level].bar(np.arange(len(counts)), counts)
-        axes[level].set_title(f"level v{level + 1}: {int((counts > 0).sum())}/{len(counts)} codes used, "
-                              f"perplexity {np.exp(-(p * np.log(p)).sum()):.1f}", fontsize=8)
-        axes[level].set_xlabel("code")
-        axes[level].set_ylabel("items")
-    hist = pd.DataFrame([s._asdict() for s in rq.history_])
-    axes[m].plot(np.arange(1, len(hist) + 1), hist["reconstruction_loss"], marker=".")
-    n_warmup = round(rq.epochs * rq.warmup_fraction)
-    if n_warmup:
-        axes[m].axvline(n_warmup + 0.5, color="grey", ls="--", lw=0.8)
-    axes[m].set_xlabel("epoch")
-    axes[m].set_title("RQ-VAE reconstruction loss\n(auto-encoder warm-up, then quantised)", fontsize=8)
-    names = ["centroid"] + ["+ v1" if level == 1 else f"+ v1..v{level}" for level in range(1, m + 1)]
-    axes[m + 1].bar(names, errors, color="tab:purple")
-    axes[m + 1].set_ylabel("‖x − x̂‖ / ‖x‖")
-    axes[m + 1].set_title("error left after each level", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_identifier_tree(codes: np.ndarray, *, clusters: Sequence[int], labels: Sequence[str], width: int = 64):
-    """Step 5: the prefix tree (identifier tree) of the items in a few clusters.
-
-    Columns are the identifier levels `(k, v1..vM, u)`, each leaf one item with its label; items
-    that share a prefix share a path from the root. This is the tree the beam search walks.
-    """
-    lay = tree_layout(codes, clusters=clusters)
-    depth = codes.shape[1]
-    names = level_names(depth - 2)
-    n_leaves = len(lay.leaves)
-    fig, ax = plt.subplots(figsize=(11, 0.8 + 0.22 * n_leaves))
-    for parent, child in lay.edges:
-        (x0, y0), (x1, y1) = lay.nodes[parent], lay.nodes[child]
-        ax.plot([x0, x0 + 0.5, x1], [y0, y1, y1], color="grey", lw=0.7)
-    for prefix, (x, y) in lay.nodes.items():
-        ax.scatter([x], [y], s=120 if prefix else 200, color="white" if prefix else "black", edgecolors="black",
-                   zorder=3)
-        if prefix:
-            ax.annotate(str(prefix[-1]), (x, y), fontsize=6.5, ha="center", va="center", zorder=4)
-    for y, row in enumerate(lay.leaves):
-        text = labels[row] if len(labels[row]) <= width else labels[row][:width - 1] + "…"
-        ax.annotate(f"{text}", (depth + 0.25, y), fontsize=7, va="center")
-    ax.set_xticks(range(depth + 1), ["root", *names])
-    ax.xaxis.tick_top()
-    ax.set_xlim(-0.3, depth + 3.8)
-    ax.set_ylim(n_leaves - 0.5, -0.8)
-    ax.set_yticks([])
-    for side in ("right", "bottom", "left"):
-        ax.spines[side].set_visible(False)
-    ax.set_title(f"identifier tree of clusters k in {[int(c) for c in clusters]}: {n_leaves} items", fontsize=9,
-                 pad=18)
-    fig.tight_layout()
-    return fig
-
-
-def plot_training(history: Sequence[dict] | pd.DataFrame):
-    """Step 6: CART's training loss (CE + ω·KL) and its two parts per epoch."""
-    h = pd.DataFrame(history)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    axes[0].plot(h["epoch"], h["loss"], marker="o", label="loss = CE + ω·KL")
-    axes[0].plot(h["epoch"], h["ce"], marker=".", label="CE (identifier tokens)")
-    axes[0].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(h["epoch"], h["kl"], marker="o", color="tab:orange")
-    axes[1].set_title("symmetric KL between two dropout passes (R-Drop)", fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0].set_title("training loss", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_beam_trace(trace: BeamTrace, *, top: int = 10, names: Sequence[str] | None = None):
-    """Step 7: at each level the best candidates (beam prefix → next code) by the model's score.
-
-    Green: kept as a beam; grey: valid but outside the beam width; red: removed by the prefix
-    constraint (no gallery identifier continues that way). Bar length: the candidate's
-    probability p(prefix, code | query) = exp(score).
-    """
-    depth = len(trace.levels)
-    names = list(names) if names is not None else [f"level {l}" for l in range(depth)]
-    fig, axes = plt.subplots(1, depth, figsize=(3.4 * depth, 0.9 + 0.3 * top), squeeze=False)
-    for l, ax in enumerate(axes[0]):
-        frame = trace_frame(trace, level=l, top=top)
-        t = trace.levels[l]
-        labels = ["·".join(map(str, p)) + f" → {c}" if p else f"→ {c}" for p, c in zip(frame["prefix"], frame["code"])]
-        ax.barh(np.arange(len(frame)), np.exp(frame["score"]), color=[_STATUS_COLOURS[s] for s in frame["status"]])
-        ax.set_yticks(np.arange(len(frame)), labels, fontsize=7)
-        ax.invert_yaxis()
-        n_valid = int(t.allowed[np.isfinite(t.prefix_scores)].sum())
-        n_all = int(np.isfinite(t.prefix_scores).sum()) * t.log_probs.shape[1]
-        ax.set_title(f"{names[l]}: {len(t.prefix_scores)} beam(s) in\n{n_valid} of {n_all} next codes valid",
-                     fontsize=8)
-        ax.set_xlabel("p(prefix → code | query)", fontsize=7)
-        ax.tick_params(axis="x", labelsize=7)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _STATUS_COLOURS.values()]
-    fig.legend(handles, list(_STATUS_COLOURS), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return fig
-
-
-def plot_fusion_alpha(model: CartModel):
-    """Step 8: the fine-branch weights α (each decoder layer's mix of the S encoder layers).
-
-    Left: α averaged over the feature dimensions (rows: decoder layers; columns: encoder layers;
-    uniform = 1/S). Right: for each decoder layer, the share of feature dimensions whose largest
-    weight is on each encoder layer.
-    """
-    alpha = fusion_alpha(model)
-    if alpha is None:
-        fig, ax = plt.subplots(figsize=(6, 1.5))
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"fusion mode {model.fusion_mode.value}: no fine branch, no α", ha="center", va="center")
-        return fig
-    n_dec, s, _ = alpha.shape
-    mean = alpha.mean(-1)  # (n_dec, S)
-    share = np.stack([np.bincount(a.argmax(0), minlength=s) / a.shape[1] for a in alpha])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 1.4 + 0.6 * n_dec))
-    spread = max(float(np.abs(mean - 1 / s).max()), 1e-6)
-    panels = ((axes[0], mean, f"mean α over dims (uniform: 1/S = {1 / s:.4f})", "{:.4f}",
-               dict(cmap="coolwarm", vmin=1 / s - spread, vmax=1 / s + spread)),
-              (axes[1], share, "share of dims whose largest α is this layer", "{:.2f}", dict(cmap="viridis")))
-    for ax, values, title, fmt, style in panels:
-        im = ax.imshow(values, aspect="auto", **style)
-        for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(s), [f"E{j + 1}" for j in range(s)])
-        ax.set_yticks(range(n_dec), [f"decoder {i + 1}" for i in range(n_dec)])
-        ax.set_xlabel("encoder layer")
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    return fig
-
-
-def plot_recall(table: pd.DataFrame, *, n_candidates: int):
-    """Step 9: Recall@1/5/10 and MRR@10 of each method (rows of `recall_table`)."""
-    cols = ["recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    width = 0.8 / len(table)
-    for i, (name, row) in enumerate(table.iterrows()):
-        bars = ax.bar(np.arange(len(cols)) + i * width, row[cols].astype(float), width, label=name)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(np.arange(len(cols)) + width * (len(table) - 1) / 2, ["R@1", "R@5", "R@10", "MRR@10"])
-    ax.set_ylim(0, 1.1)
-    ax.legend(fontsize=8)
-    q = int(table["n_queries"].iloc[0])
-    ax.set_title(f"{q} held-out test queries against {n_candidates} items", fontsize=9)
-    fig.tight_layout()
-    return fig

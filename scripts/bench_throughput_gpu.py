@@ -1,6 +1,6 @@
 """The throughput benchmark (Figure 4 analogue) on a GPU machine: CART decoding vs exact dual-tower search.
 
-Runs the measurement of `cartlib.bench` (the `throughput` stage) on a machine that has torch and
+Runs the measurement of `cartlib.bench` (the `throughput` stage, `cartlib.stages.throughput`) on a machine that has torch and
 transformers but neither FAISS nor the bundled MiniLM weights, and appends its rows (same columns
 as results/throughput/throughput.csv, device = the GPU's name) to a CSV. Copy that file to
 results/throughput/throughput_gpu.csv and the stage's figure shows it as a second panel.
@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import BertConfig, BertModel
     from transformers.utils import logging as hf_logging
 
-    from cartlib import bench, io
+    from cartlib import io
+    from cartlib.bench import analysis, galleries, measure, queries as bench_queries, timing
     from cartlib.config import TrainConfig
+    from cartlib.decode import BeamDecoder
     from cartlib.model.cart import CartModel
 
     hf_logging.set_verbosity_error()
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) if os.environ.get("OUT")
                                            else root / "results" / "throughput") / "throughput_gpu.csv"
-    label = bench.device_name(device)
+    label = timing.device_name(device)
     print(f"device {label}, torch {torch.__version__}, {'fp16' if dtype == torch.float16 else 'fp32'}; "
           f"sizes {list(cfg.sizes)}, batches {list(cfg.batch_sizes)}, repeats {cfg.repeats}; rows -> {out}", flush=True)
 
@@ -158,17 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     ids_cfg = params.identifiers
     if ids_cfg.n_clusters > len(items):
         ids_cfg = dataclasses.replace(ids_cfg, n_clusters=max(1, len(items) // 4))
-    id_model = bench.fit_identifier_model(items, ids_cfg, seed=seed)
-    mixture = bench.fit_feature_mixture(items, id_model.labels_)
+    id_model = galleries.fit_identifier_model(items, ids_cfg, seed=seed)
+    mixture = galleries.fit_feature_mixture(items, id_model.labels_)
     if (feat_dir / "captions.npy").exists():
         q_vectors = np.load(feat_dir / "captions.npy", mmap_mode="r")
         q_vectors = np.asarray(q_vectors[: min(len(q_vectors), 20_000)], dtype=np.float32)
     else:
-        q_vectors = bench.sample_features(mixture, max(cfg.batch_sizes), seed=seed + 1)
+        q_vectors = galleries.sample_features(mixture, max(cfg.batch_sizes), seed=seed + 1)
     n_q = max(cfg.batch_sizes)
     tok_ids, tok_mask = random_tokens(len(q_vectors), seed=seed)
-    queries = bench.make_query_set(None, q_vectors, n=n_q, seed=seed, token_ids=tok_ids, token_mask=tok_mask,
-                                   device=device)
+    queries = bench_queries.make_query_set(None, q_vectors, n=n_q, seed=seed, token_ids=tok_ids,
+                                           token_mask=tok_mask, device=device)
     print(f"features: {source} ({len(items):,} items); identifier model fitted in {time.perf_counter() - t0:.1f} s",
           flush=True)
 
@@ -178,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = TrainConfig(**bundle["train_config"]) if bundle else params.train
     torch.manual_seed(seed)
     encoder = BertModel(BertConfig(**MINILM)).to(device=device, dtype=dtype).eval()  # random MiniLM
-    decoders: dict[tuple[int, ...], bench.Decoder] = {}
+    decoders: dict[tuple[int, ...], measure.Decoder] = {}
 
-    def decoder_for(sizes: tuple[int, ...]) -> bench.Decoder:
+    def decoder_for(sizes: tuple[int, ...]) -> measure.Decoder:
         if sizes not in decoders:
             if bundle is not None and tuple(bundle["level_sizes"]) == sizes:
                 model = CartModel(text_encoder=encoder, freeze_encoder=True, level_sizes=sizes,
@@ -193,43 +195,44 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"{bundle_path}: checkpoint does not fit its config (missing {bad[:3]}, "
                                      f"unexpected {unexpected[:3]})")
                 model = model.to(device=device, dtype=dtype).eval()
-                decoders[sizes] = bench.Decoder(model, bench.FastDecoder(model), "trained decoder, random MiniLM")
+                decoders[sizes] = measure.Decoder(model, BeamDecoder(model), "trained decoder, random MiniLM")
             else:
                 where = "trained config" if bundle is not None else "params.train"
-                decoders[sizes] = bench.random_decoder(encoder, sizes, train_cfg, seed=seed, device=device,
+                decoders[sizes] = measure.random_decoder(encoder, sizes, train_cfg, seed=seed, device=device,
                                                        dtype=dtype, weights=f"random ({where})")
         return decoders[sizes]
 
-    bench.retain_freed_memory()  # as the stage does: no page faults on every step's activations
-    memory = bench.PeakMemory(device)
+    timing.retain_freed_memory()  # as the stage does: no page faults on every step's activations
+    memory = timing.PeakMemory(device)
     rows, infos, history = [], [], {}
     flops = None
     for n in sorted(cfg.sizes):
-        gallery = bench.build_gallery(mixture, id_model, n, seed=seed + n)
+        gallery = galleries.build_gallery(mixture, id_model, n, seed=seed + n)
         dec = decoder_for(gallery.level_sizes)
         with torch.inference_mode():
-            states = {b: bench.encode_bucketed(dec.model, *queries.batch(b)) for b in cfg.batch_sizes}
-        res = bench.measure_gallery(gallery, decoder=dec, queries=queries, states=states, cfg=cfg, device=device,
-                                    dtype=dtype, device_label=label, systems=bench.SYSTEMS[:4], seed=seed,
-                                    history=history, memory=memory, progress=True)
+            states = {b: bench_queries.encode_bucketed(dec.model, *queries.batch(b)) for b in cfg.batch_sizes}
+        res = measure.measure_gallery(gallery, decoder=dec, queries=queries, states=states, cfg=cfg, device=device,
+                                      dtype=dtype, device_label=label, systems=measure.SYSTEMS[:4], seed=seed,
+                                      history=history, memory=memory, progress=True)
         rows += res.rows
         infos.append(res.info)
         history.update(res.warmups)
-        b_ratio = min(cfg.batch_sizes, key=lambda x: (abs(x - bench.RATIO_BATCH), x))
-        flops = bench.decoder_flops_per_query(dec.model, n_tokens=bench.mean_tokens(states[b_ratio]), beam=cfg.beam)
+        b_ratio = min(cfg.batch_sizes, key=lambda x: (abs(x - analysis.RATIO_BATCH), x))
+        flops = analysis.decoder_flops_per_query(dec.model, n_tokens=analysis.mean_tokens(states[b_ratio]), beam=cfg.beam)
         print(f"N={n:,}: level sizes {gallery.level_sizes}, {dec.weights}, gallery built in "
               f"{gallery.build_seconds:.1f} s", flush=True)
         del gallery, states
 
     import pandas as pd
 
-    table = pd.DataFrame(rows, columns=list(bench.COLUMNS))
+    table = pd.DataFrame(rows, columns=list(measure.COLUMNS))
     old = pd.read_csv(out) if out.exists() else None
-    merged = table if old is None else pd.concat([old[list(bench.COLUMNS)], table], ignore_index=True)
+    merged = table if old is None else pd.concat([old[list(measure.COLUMNS)], table], ignore_index=True)
     with io.atomic_path(out) as tmp:
         merged.to_csv(tmp, index=False)
-    metrics = bench.summarise(table, flops_per_query=flops,
-                              matmul_flops=bench.matmul_flops_per_second(device=device, dtype=dtype))
+    summary = analysis.summarise(table, flops_per_query=flops,
+                                 matmul_flops=timing.matmul_flops_per_second(device=device, dtype=dtype))
+    metrics = {**summary.metrics, **summary.timings}  # a record of this GPU run (no committed contract)
     metrics.update(device=label, torch=torch.__version__, memory=memory.kind, features=source,
                    galleries=infos)
     io.write_json(out.with_name(out.stem + "_metrics.json"), metrics)

@@ -1,5 +1,6 @@
-"""The throughput benchmark (Figure 4 analogue): the fast decode path against the reference decoder,
-the timing harness, the gallery sampler, and a tiny end-to-end run of the stage."""
+"""The throughput benchmark (Figure 4 analogue): the timing harness, the gallery sampler, the
+decoder's FLOP count, exact search, and a tiny end-to-end run of the stage. (The decoder itself is
+tested in test_decode.py.)"""
 from __future__ import annotations
 
 import functools
@@ -17,11 +18,13 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from cartlib import bench
+from cartlib.baselines import exact_topk, recall_vs_exact
+from cartlib.bench import analysis, galleries, measure, queries, timing
 from cartlib.config import params_from_dict
 from cartlib.data.features import save_features
 from cartlib.data.schema import DatasetWriter
-from cartlib.decode import constrained_beam_search, exhaustive_scores, unconstrained_beam_search
+from cartlib.decode import BeamDecoder
+from cartlib.stages import throughput
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.model.cart import CartModel, EncoderStates
 from cartlib.model.fusion import FusionMode
@@ -57,55 +60,6 @@ def random_table(n: int, sizes: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.tensor([rows[i] for i in torch.randperm(len(rows), generator=g)[:n].tolist()])
 
 
-TRIES = {
-    "shared-prefix": ((2, 3, 5), torch.tensor([[1, 2, u] for u in (0, 3, 4, 1)])),
-    "random": ((3, 4, 3), random_table(20, (3, 4, 3), 1)),
-    "deep": ((2, 3, 2, 3), random_table(15, (2, 3, 2, 3), 2)),
-}
-
-
-def same_ranking(items, scores, ref_items, ref_scores) -> None:
-    """Equal scores (fp tolerance); equal items except inside runs of near-tied scores."""
-    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
-    for q in range(items.shape[0]):
-        for j, (a, b) in enumerate(zip(items[q].tolist(), ref_items[q].tolist())):
-            if a != b:
-                tied = (ref_scores[q] - ref_scores[q, j]).abs() <= 1e-5
-                assert a in ref_items[q][tied].tolist()
-
-
-@pytest.mark.parametrize("pack", [True, False])  # encoder-side keys/values of real tokens only, or of all
-@pytest.mark.parametrize("fusion", list(FusionMode))
-@pytest.mark.parametrize("trie", list(TRIES))
-def test_fast_decoder_equals_reference_decoder(trie: str, fusion: FusionMode, pack: bool) -> None:
-    sizes, codes = TRIES[trie]
-    model, enc = tiny_model(sizes, fusion), random_states(4)
-    index = PrefixIndex.build(codes, sizes)
-    fast = bench.FastDecoder(model)
-    fast.PACK_BELOW = 1.0 if pack else 0.0
-    for beam, top_k in ((3, 2), (4, 4)):
-        ref = constrained_beam_search(model, enc, index, beam=beam, top_k=top_k)
-        out = fast.search(enc, index, beam=beam, top_k=top_k)
-        same_ranking(out.items, out.scores, ref.items, ref.scores)
-        assert torch.equal(out.items, ref.items) and torch.equal(out.codes, ref.codes)  # no near-ties here
-        free_ref = unconstrained_beam_search(model, enc, beam=beam, top_k=top_k)
-        free = fast.search(enc, None, beam=beam, top_k=top_k, constrained=False)
-        torch.testing.assert_close(free.scores, free_ref.scores, rtol=1e-5, atol=1e-5)
-        assert torch.equal(free.codes, free_ref.codes) and (free.items == -1).all()
-
-
-@pytest.mark.parametrize("fusion", [FusionMode.TWO_BRANCH, FusionMode.LAST_LAYER])
-def test_fast_decoder_wide_beam_is_the_exhaustive_ranking(fusion: FusionMode) -> None:
-    sizes, codes = TRIES["random"]
-    model, enc = tiny_model(sizes, fusion, seed=3), random_states(3, seed=1)
-    n = len(codes)
-    full = exhaustive_scores(model, enc, codes)  # (B, N): the brute-force oracle
-    ref_scores, ref_items = full.sort(1, descending=True)
-    out = bench.FastDecoder(model).search(enc, PrefixIndex.build(codes, sizes), beam=n + 2, top_k=n)
-    same_ranking(out.items, out.scores, ref_items, ref_scores)
-    torch.testing.assert_close(out.scores, full.gather(1, out.items), rtol=1e-5, atol=1e-5)
-
-
 def test_bucketed_encoding_equals_one_padded_call_at_real_tokens() -> None:
     model = tiny_model((2, 2, 2))
     g = torch.Generator().manual_seed(0)
@@ -114,23 +68,10 @@ def test_bucketed_encoding_equals_one_padded_call_at_real_tokens() -> None:
     ids = torch.randint(1, 30, (7, 7), generator=g) * mask
     with torch.inference_mode():
         ref = model.encode(ids, mask)
-        out = bench.encode_bucketed(model, ids, mask, bucket=3)
+        out = queries.encode_bucketed(model, ids, mask, bucket=3)
     assert torch.equal(out.mask, ref.mask)
     real = mask.bool()[None, :, :, None].expand_as(ref.layers)
     torch.testing.assert_close(out.layers[real], ref.layers[real], rtol=1e-5, atol=1e-5)  # padding: masked
-
-
-def test_fast_decoder_rejects_bad_input() -> None:
-    sizes, codes = TRIES["random"]
-    model = tiny_model(sizes)
-    fast, enc = bench.FastDecoder(model), random_states(2)
-    with pytest.raises(ValueError, match="top_k"):
-        fast.search(enc, PrefixIndex.build(codes, sizes), beam=2, top_k=3)
-    with pytest.raises(ValueError, match="level sizes"):
-        fast.search(enc, PrefixIndex.build(torch.tensor([[0, 0]]), (3, 4)), beam=2, top_k=1)
-    with pytest.raises(ValueError, match="eval mode"):
-        bench.FastDecoder(CartModel(text_encoder=model.encoder, freeze_encoder=True, level_sizes=sizes, d_model=16,
-                                    n_layers=1, n_heads=2))  # a new module is in training mode
 
 
 def test_decoder_flops_match_a_flop_counter() -> None:
@@ -141,8 +82,8 @@ def test_decoder_flops_match_a_flop_counter() -> None:
         model, enc = tiny_model(sizes, fusion), random_states(1)
         enc = EncoderStates(enc.layers, torch.ones_like(enc.mask))
         with FlopCounterMode(display=False) as counter:  # counts every matmul (CPU SDPA it would miss)
-            bench.FastDecoder(model).search(enc, None, beam=3, top_k=3, constrained=False)
-        assert bench.decoder_flops_per_query(model, n_tokens=T, beam=3) == counter.get_total_flops()
+            BeamDecoder(model).search(enc, None, beam=3, top_k=3)
+        assert analysis.decoder_flops_per_query(model, n_tokens=T, beam=3) == counter.get_total_flops()
 
 
 # ---------------------------------------------------------------------------- timing harness
@@ -164,8 +105,8 @@ class FakeClock:
 
 _FAULTS_SCRIPT = """
 import resource, sys, torch
-from cartlib import bench
-retained = bench.retain_freed_memory() if sys.argv[1] == "retain" else False
+from cartlib.bench import timing
+retained = timing.retain_freed_memory() if sys.argv[1] == "retain" else False
 def churn():  # fresh activations, freed right away, above glibc's largest dynamic mmap threshold
     for _ in range(20):
         torch.ones(10 * 2 ** 20)  # 40 MiB
@@ -198,8 +139,8 @@ def test_retained_freed_memory_stops_page_faults_on_every_allocation() -> None:
 def test_time_interleaved_reports_medians_without_cuda() -> None:
     clock = FakeClock()
     fns = {"a": clock.timed([9.0, 3.0, 1.0, 2.0]), "b": clock.timed([0.5, 0.1, 0.4, 0.2])}
-    res = bench.time_interleaved(fns, batch_size=10, repeats=3, max_batch_seconds=10.0, device="cpu",
-                                 memory=bench.PeakMemory("cpu"), clock=clock)
+    res = timing.time_interleaved(fns, batch_size=10, repeats=3, max_batch_seconds=10.0, device="cpu",
+                                 memory=timing.PeakMemory("cpu"), clock=clock)
     assert res["a"].warmup_seconds == 9.0 and res["a"].seconds == (3.0, 1.0, 2.0)
     assert res["a"].latency_ms_p50 == pytest.approx(2000.0) and res["a"].qps == pytest.approx(5.0)
     assert res["b"].latency_ms_p50 == pytest.approx(200.0) and res["b"].qps == pytest.approx(50.0)
@@ -211,7 +152,7 @@ def test_time_interleaved_skips_a_slow_warmup_and_named_skips() -> None:
     calls = []
     fns = {"slow": clock.timed([11.0]), "fast": clock.timed([1.0, 1.0]),
            "never": lambda: calls.append(1)}
-    res = bench.time_interleaved(fns, batch_size=4, repeats=1, max_batch_seconds=10.0, skip={"never": "predicted"},
+    res = timing.time_interleaved(fns, batch_size=4, repeats=1, max_batch_seconds=10.0, skip={"never": "predicted"},
                                  clock=clock)
     assert math.isnan(res["slow"].qps) and "max_batch_seconds" in res["slow"].skipped
     assert res["fast"].qps == pytest.approx(4.0)
@@ -221,20 +162,23 @@ def test_time_interleaved_skips_a_slow_warmup_and_named_skips() -> None:
 def test_skips_are_predicted_from_smaller_galleries() -> None:
     history = {("dual_tower_exact", 1_000, 100): 2.0, ("dual_tower_exact", 1_000, 1024): None,
                ("cart_decode", 1_000, 100): 20.0}
-    pred = bench._predicted_skips("dual_tower_exact", 100_000, [1, 100, 1024], history, 30.0)
+    pred = measure.predicted_skips("dual_tower_exact", 100_000, [1, 100, 1024], history, 30.0)
     assert set(pred) == {100, 1024}  # 2 s x 100 (linear in N) > 30 s; batch 1024 was skipped already
     assert "predicted 200 s" in pred[100] and "skipped at N=1,000" in pred[1024]
-    assert bench._predicted_skips("cart_decode", 100_000, [100], history, 30.0) == {}  # CART: flat in N
+    assert measure.predicted_skips("cart_decode", 100_000, [100], history, 30.0) == {}  # CART: flat in N
 
 
 def test_exact_topk_in_chunks_equals_one_matmul() -> None:
     g = torch.Generator().manual_seed(0)
     gallery, queries = torch.randn(10_000, 8, generator=g), torch.randn(5, 8, generator=g)
-    scores, idx = bench.exact_topk(gallery, queries, 10, block_bytes=5 * 4 * 100)  # forces 3 chunks of 4096
+    idx, scores = exact_topk(queries, gallery, k=10, block_bytes=5 * 4 * 100)  # forces 3 chunks of 4096
     ref_s, ref_i = (queries @ gallery.T).topk(10, dim=1)
     assert torch.equal(idx, ref_i) and torch.equal(scores, ref_s)
-    assert bench.recall_vs_exact(idx.numpy(), ref_i.numpy()) == 1.0
-    assert bench.recall_vs_exact(np.array([[1, 2], [3, -1]]), np.array([[2, 1], [3, 4]])) == 0.75
+    # NumPy in, NumPy out, queries in batches: the same neighbours
+    top = exact_topk(queries.numpy(), gallery.numpy(), k=10, batch_size=2, block_bytes=5 * 4 * 100)
+    assert isinstance(top.indices, np.ndarray) and np.array_equal(top.indices, ref_i.numpy())
+    assert recall_vs_exact(idx.numpy(), ref_i.numpy()) == 1.0
+    assert recall_vs_exact(np.array([[1, 2], [3, -1]]), np.array([[2, 1], [3, 4]])) == 0.75
 
 
 def test_crossover_is_interpolated_in_log_log() -> None:
@@ -242,7 +186,7 @@ def test_crossover_is_interpolated_in_log_log() -> None:
     for n, cart, exact in ((1_000, 100.0, 1_000.0), (100_000, 100.0, 10.0)):
         rows += [{"system": "cart_decode", "n_candidates": n, "batch_size": 100, "qps": cart},
                  {"system": "dual_tower_exact", "n_candidates": n, "batch_size": 100, "qps": exact}]
-    n, qps = bench.crossover(pd.DataFrame(rows), batch_size=100)
+    n, qps = analysis.crossover(pd.DataFrame(rows), batch_size=100)
     assert n == pytest.approx(10_000) and qps == pytest.approx(100.0)
 
 
@@ -254,22 +198,22 @@ def test_sampled_gallery_keeps_the_cluster_structure_and_gets_unique_identifiers
     labels = np.repeat(np.arange(3), [50, 30, 20])
     x = centers[labels] + rng.standard_normal((100, 24)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    mix = bench.fit_feature_mixture(x, labels, rank=4)
+    mix = galleries.fit_feature_mixture(x, labels, rank=4)
     np.testing.assert_allclose(mix.weights, [0.5, 0.3, 0.2])
-    g = bench.sample_features(mix, 2_000, seed=1)
+    g = galleries.sample_features(mix, 2_000, seed=1)
     assert g.shape == (2_000, 24) and g.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, rtol=1e-5)
     nearest = np.argmax(g @ (mix.means / np.linalg.norm(mix.means, axis=1, keepdims=True)).T, 1)
     assert np.abs(np.bincount(nearest, minlength=3) / 2_000 - mix.weights).max() < 0.05
-    assert np.array_equal(bench.sample_features(mix, 50, seed=3), bench.sample_features(mix, 50, seed=3))
+    assert np.array_equal(galleries.sample_features(mix, 50, seed=3), galleries.sample_features(mix, 50, seed=3))
 
     from cartlib.config import IdentifiersConfig
 
-    model = bench.fit_identifier_model(x, IdentifiersConfig(n_clusters=3, codebook_size=4, epochs=1), seed=0)
-    gallery = bench.build_gallery(mix, model, 500, seed=2)
+    model = galleries.fit_identifier_model(x, IdentifiersConfig(n_clusters=3, codebook_size=4, epochs=1), seed=0)
+    gallery = galleries.build_gallery(mix, model, 500, seed=2)
     assert gallery.codes.shape == (500, 4) and len(np.unique(gallery.codes, axis=0)) == 500
     assert gallery.level_sizes[:3] == (3, 4, 4) and gallery.index.n_items == 500
-    codes, sizes = bench.identify(model, x)  # the fitted table, re-derived from the same items
+    codes, sizes = galleries.identify(model, x)  # the fitted table, re-derived from the same items
     assert np.array_equal(codes, model.codes_) and sizes == model.level_sizes_
 
 
@@ -306,20 +250,23 @@ def test_run_writes_the_contract_files(tmp_path) -> None:
                          "recall_vs_exact": float("nan")} for n in (60, 200)])
     (tmp_path / "results" / "throughput").mkdir(parents=True)
     gpu.to_csv(tmp_path / "results" / "throughput" / "throughput_gpu.csv", index=False)
-    res = bench.run(params_from_dict(TINY), tmp_path, progress=False, track=False)
+    res = throughput.run(params_from_dict(TINY), tmp_path, progress=False)
     out = tmp_path / "results" / "throughput"
     table = pd.read_csv(out / "throughput.csv")
-    assert tuple(table.columns) == bench.COLUMNS
-    assert set(table["system"]) == set(bench.SYSTEMS)
+    assert tuple(table.columns) == measure.COLUMNS
+    assert set(table["system"]) == set(measure.SYSTEMS)
     assert set(table.loc[table["system"] == "faiss_hnsw", "n_candidates"]) == {60}  # hnsw_max_candidates
     flat = table[table["system"] == "faiss_flat"]
     assert (flat["recall_vs_exact"] == 1.0).all()
-    assert table.loc[table["system"].isin(bench.CART_SYSTEMS), "recall_vs_exact"].isna().all()
+    assert table.loc[table["system"].isin(measure.CART_SYSTEMS), "recall_vs_exact"].isna().all()
     assert (table["qps"] > 0).all() and (table["device"] == f"cpu-{torch.get_num_threads()}core").all()
     metrics = json.loads((out / "metrics.json").read_text())
+    timings = json.loads((out / "timings.json").read_text())
     for key in ("constraint_overhead_ratio", "flatness_ratio", "crossover_n_candidates", "arithmetic_floor_fraction"):
-        assert key in metrics
-    assert metrics["flatness_ratio"] > 0 and 0 < metrics["arithmetic_floor_fraction"]
+        assert key in timings and key not in metrics  # derived from wall-clock: timings.json only
+    assert not [k for k in metrics if "qps" in k or "second" in k or "ratio" in k and k != "ratio_batch_size"]
+    assert metrics["decoder_flops_per_query"] > 0 and metrics["n_candidates_largest"] == 200
+    assert timings["flatness_ratio"] > 0 and 0 < timings["arithmetic_floor_fraction"]
     assert (out / "throughput.png").exists() and (out / "throughput.pdf").exists()
     assert len([ax for ax in res.figure.axes if ax.get_title()]) == 2  # this CPU + the GPU rows
     assert "torch" in res.caption and "faiss" in res.caption
@@ -329,9 +276,9 @@ def test_run_writes_the_contract_files(tmp_path) -> None:
 def test_missing_features_file_names_it_and_the_stage_to_run(tmp_path) -> None:
     make_task(tmp_path, features=False)
     with pytest.raises(FileNotFoundError, match=r"items\.npy.*features"):
-        bench.run(params_from_dict(TINY), tmp_path, progress=False, track=False)
+        throughput.run(params_from_dict(TINY), tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match=r"dataset.*data"):
-        bench.run(params_from_dict(TINY), tmp_path / "elsewhere", progress=False, track=False)
+        throughput.run(params_from_dict(TINY), tmp_path / "elsewhere", progress=False)
 
 
 def test_gpu_script_runs_on_a_cpu_without_data_and_appends_the_contract_columns(tmp_path) -> None:
@@ -348,7 +295,7 @@ def test_gpu_script_runs_on_a_cpu_without_data_and_appends_the_contract_columns(
     assert script.main(argv) == 0
     assert script.main(argv) == 0  # a second run appends
     table = pd.read_csv(out)
-    assert tuple(table.columns) == bench.COLUMNS
+    assert tuple(table.columns) == measure.COLUMNS
     assert {"cart_decode", "unconstrained_decode", "dual_tower_exact"} <= set(table["system"])
     assert not any(s.startswith("faiss") for s in table["system"])  # the GPU machine has no FAISS
     assert sorted(set(table["n_candidates"])) == [100, 300] and (table["batch_size"] == 2).all()

@@ -1,7 +1,7 @@
-"""Constrained beam search (CART inference) against exhaustive scoring and a plain reference search.
-
-The independent reference is a plain beam search written as simply as possible below: no cache,
-no batching, Python sets for the valid prefixes, one teacher-forced forward per beam per level.
+"""The suite's one beam search (`cartlib.decode`, CART inference) against three oracles: exhaustive
+scoring of every valid identifier, the former library decoder (`tests/reference_decoder.py`: the
+model's own step, SDPA attention and fusion modules) and a plain search (Python sets, one
+teacher-forced forward per beam per level); on tiny random models, every fusion mode.
 """
 from __future__ import annotations
 
@@ -17,19 +17,24 @@ import torch
 from transformers import BertConfig, BertModel
 
 from cartlib.decode import (
+    BeamDecoder,
     GenerationOutput,
+    LevelState,
     constrained_beam_search,
+    decoder_for,
     exhaustive_scores,
     unconstrained_beam_search,
 )
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.model.cart import CartModel, EncoderStates
+from cartlib.model.fusion import FusionMode
+from reference_decoder import plain_beam_search, reference_beam_search
 
 S, D_ENC, T = 2, 16, 5
 
 
 @functools.lru_cache(maxsize=None)  # models are only read (eval mode, no gradient)
-def tiny_model(level_sizes: tuple[int, ...], *, fusion: bool = True, seed: int = 0) -> CartModel:
+def tiny_model(level_sizes: tuple[int, ...], *, fusion: bool | FusionMode = True, seed: int = 0) -> CartModel:
     torch.manual_seed(seed)
     enc = BertModel(
         BertConfig(vocab_size=30, hidden_size=D_ENC, num_hidden_layers=S, num_attention_heads=2, intermediate_size=32)
@@ -40,6 +45,9 @@ def tiny_model(level_sizes: tuple[int, ...], *, fusion: bool = True, seed: int =
     )
     with torch.no_grad():
         model.head.weight.mul_(8.0)  # peaked distributions: well separated scores, few near-ties
+        for layer in model.layers:
+            if layer.fusion.fine is not None:  # non-uniform α, so folding it into the output is tested
+                layer.fusion.fine.alpha_logits.normal_()
     return model.eval()
 
 
@@ -107,26 +115,6 @@ def test_wide_beam_equals_exhaustive_ranking(trie: str, fusion: bool) -> None:
     torch.testing.assert_close(out.scores, full.gather(1, out.items), rtol=1e-5, atol=1e-5)
 
 
-def reference_beam_search(model: CartModel, enc: EncoderStates, q: int, codes: torch.Tensor, beam: int, top_k: int):
-    """Plain beam search for query ``q``: Python lists, a fresh teacher-forced forward per beam."""
-    one = EncoderStates(enc.layers[:, q : q + 1], enc.mask[q : q + 1])
-    depth = codes.shape[1]
-    rows = [tuple(r) for r in codes.tolist()]
-    prefixes = {r[:l] for r in rows for l in range(depth + 1)}
-    beams = [((), 0.0)]
-    with torch.no_grad():
-        for level in range(depth):
-            candidates = []
-            for prefix, score in beams:
-                padded = torch.tensor([list(prefix) + [0] * (depth - level)])  # causal: padding is unseen
-                logp = torch.log_softmax(model.decode(one, padded).logits[level][0], -1)
-                for c in range(model.level_sizes[level]):
-                    if prefix + (c,) in prefixes:
-                        candidates.append((prefix + (c,), score + float(logp[c])))
-            beams = sorted(candidates, key=lambda x: -x[1])[:beam]
-    return [rows.index(p) for p, _ in beams[:top_k]], [s for _, s in beams[:top_k]]
-
-
 @pytest.mark.parametrize("trie,beam,top_k", [("random", 3, 2), ("deep", 4, 4), ("full-fanout", 1, 1)])
 def test_matches_plain_reference_beam_search(trie: str, beam: int, top_k: int) -> None:
     sizes, codes = TRIES[trie]
@@ -134,7 +122,7 @@ def test_matches_plain_reference_beam_search(trie: str, beam: int, top_k: int) -
     out = constrained_beam_search(model, enc, PrefixIndex.build(codes, sizes), beam=beam, top_k=top_k)
     check_valid(out, codes)
     for q in range(2):
-        items, scores = reference_beam_search(model, enc, q, codes, beam, top_k)
+        items, scores = plain_beam_search(model, enc, q, codes, beam, top_k)
         assert_same_ranking(out.items[q], out.scores[q], items, scores)
 
 
@@ -220,3 +208,80 @@ def test_bad_inputs_raise() -> None:
     other = PrefixIndex.build(torch.tensor([[0, 0]]), (3, 4))
     with pytest.raises(ValueError, match="level sizes"):
         constrained_beam_search(model, enc, other, beam=2, top_k=1)
+
+
+@pytest.mark.parametrize("pack", [True, False])  # encoder-side keys/values of real tokens only, or of all
+@pytest.mark.parametrize("fusion", list(FusionMode))
+@pytest.mark.parametrize("trie", ["shared-prefix", "random", "deep"])
+def test_equals_the_reference_decoder(trie: str, fusion: FusionMode, pack: bool) -> None:
+    sizes, codes = TRIES[trie]
+    model, enc = tiny_model(sizes, fusion=fusion), random_states(4)
+    index = PrefixIndex.build(codes, sizes)
+    dec = BeamDecoder(model)
+    dec.PACK_BELOW = 1.0 if pack else 0.0
+    for beam, top_k in ((3, 2), (4, 4)):
+        ref = reference_beam_search(model, enc, index, beam=beam, top_k=top_k)
+        out = dec.search(enc, index, beam=beam, top_k=top_k)
+        torch.testing.assert_close(out.scores, ref.scores, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.items, ref.items) and torch.equal(out.codes, ref.codes)  # no near-ties here
+        free_ref = reference_beam_search(model, enc, None, beam=beam, top_k=top_k)
+        free = dec.search(enc, None, beam=beam, top_k=top_k)
+        torch.testing.assert_close(free.scores, free_ref.scores, rtol=1e-5, atol=1e-5)
+        assert torch.equal(free.codes, free_ref.codes) and (free.items == -1).all()
+
+
+def test_on_level_hook_sees_what_each_level_chose() -> None:
+    sizes, codes = TRIES["deep"]
+    model, enc = tiny_model(sizes, seed=3), random_states(3, seed=1)
+    index = PrefixIndex.build(codes, sizes)
+    seen: list[LevelState] = []
+    out = constrained_beam_search(model, enc, index, beam=4, top_k=4, on_level=seen.append)
+    assert [s.level for s in seen] == list(range(len(sizes)))
+    for s in seen:
+        b, w, k = s.log_probs.shape
+        assert s.prefixes.shape == (b, w, s.level) and k == sizes[s.level]
+        ok = torch.isfinite(s.scores)
+        # every kept candidate is a valid extension, scored prefix + log p(code)
+        rows = torch.arange(b)[:, None].expand_as(s.parents)
+        assert s.allowed[rows, s.parents, s.codes][ok].all()
+        want = s.prefix_scores.gather(1, s.parents) + s.log_probs[rows, s.parents, s.codes]
+        torch.testing.assert_close(s.scores[ok], want[ok])
+        # the constraint removed exactly the invalid codes of live beams (oracle: Python prefix sets)
+        valid = {tuple(r[: s.level + 1]) for r in codes.tolist()}
+        for q in range(b):
+            for j in range(w):
+                if not math.isfinite(float(s.prefix_scores[q, j])):
+                    continue
+                prefix = tuple(s.prefixes[q, j].tolist())
+                for c in range(k):
+                    assert bool(s.removed[q, j, c]) == (prefix + (c,) not in valid)
+    last = seen[-1]
+    torch.testing.assert_close(last.scores[:, :4], out.scores)
+    # without the hook: the same result
+    again = constrained_beam_search(model, enc, index, beam=4, top_k=4)
+    assert torch.equal(again.items, out.items) and torch.equal(again.scores, out.scores)
+
+
+def test_decoder_is_reused_until_a_weight_changes() -> None:
+    sizes, codes = TRIES["random"]
+    torch.manual_seed(0)
+    model = tiny_model(sizes, seed=7)
+    model = CartModel(text_encoder=model.encoder, freeze_encoder=True, level_sizes=sizes, d_model=16, n_layers=1,
+                      n_heads=2, fusion=True).eval()
+    enc, index = random_states(2), PrefixIndex.build(codes, sizes)
+    first = decoder_for(model)
+    assert decoder_for(model) is first
+    before = constrained_beam_search(model, enc, index, beam=5, top_k=5)
+    with torch.no_grad():  # an optimiser step in place, as training does between validations
+        for layer in model.layers:
+            layer.fusion.fine.alpha_logits.normal_()
+            layer.fusion.fine.o_weight.mul_(3.0)
+        model.head.weight.mul_(5.0)
+    assert decoder_for(model) is not first
+    after = constrained_beam_search(model, enc, index, beam=5, top_k=5)
+    ref = reference_beam_search(model, enc, index, beam=5, top_k=5)
+    torch.testing.assert_close(after.scores, ref.scores, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after.scores, before.scores)
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        constrained_beam_search(model, enc, index, beam=5, top_k=5)

@@ -169,6 +169,16 @@ def test_pipeline_is_up_to_date_after_repro(smoke_repo):
     assert "up to date" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
+def test_every_result_file_is_a_declared_output(smoke_repo):
+    """What a stage writes under results/ is in dvc.yaml's outs, so DVC knows it (and `dvc status` tells)."""
+    lock = yaml.safe_load((smoke_repo / "dvc.lock").read_text())["stages"]
+    declared = {o["path"] for stage in lock.values() for o in stage.get("outs", []) + stage.get("deps", [])}
+    undeclared = sorted(f for f in tree_digest(smoke_repo)
+                        if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in declared))
+    assert not undeclared, f"written but not declared in dvc.yaml: {undeclared}"
+
+
 # one instance of every stage: its rerun on an unchanged tree may rewrite only measurement files
 RERUN = ("data@image", "features@image", "identifiers@image", "train@image", "evaluate@image", "baselines@image",
          "compare@image-cart", "ablations@full", "ablations@beam_5", "tsne", "throughput", "report")

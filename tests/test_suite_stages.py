@@ -11,7 +11,8 @@ import yaml
 
 from cartlib.config import ConfigError, load_params, params_from_dict, with_overrides
 from cartlib.report import ablation_table, claims_table, hits_at_1, paired_delta, verdict_lower
-from cartlib.stages.baselines import faiss_indexes, pseudo_caption_scores, recall_vs_exact
+from cartlib.baselines import faiss_indexes, recall_vs_exact
+from cartlib.stages.baselines import pseudo_caption_scores
 from cartlib.stages.tsne import prefix_ratio
 from cartlib.stages.variant import query_subset, schedule
 

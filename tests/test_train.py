@@ -117,14 +117,20 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, freeze: bool) -> N
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
-def test_resume_refuses_another_identifier_table_or_settings(tmp_path) -> None:
+def test_resume_ignores_a_checkpoint_of_other_identifiers_or_settings(tmp_path, capsys) -> None:
     kwargs = dict(tokenizer=tokenizer(), texts=TEXTS[:6], epochs=1, batch_size=3, max_length=16, progress=False)
     train_cart(tiny_model(), codes=CODES[:6], checkpoint_dir=tmp_path, **kwargs)
+    epochs = []
+    count = lambda epoch, record: epochs.append(epoch)
+    # the same run: resumes the finished checkpoint, nothing left to train
+    train_cart(tiny_model(), codes=CODES[:6], checkpoint_dir=tmp_path, resume=True, on_epoch_end=count, **kwargs)
+    assert epochs == []
     other = CODES[:6].flip(0)  # the same identifiers, assigned to other texts
-    with pytest.raises(ValueError, match="another identifier table"):
-        train_cart(tiny_model(), codes=other, checkpoint_dir=tmp_path, resume=True, **kwargs)
-    with pytest.raises(ValueError, match="different settings"):
-        train_cart(tiny_model(), codes=CODES[:6], checkpoint_dir=tmp_path, resume=True, **{**kwargs, "epochs": 2})
+    train_cart(tiny_model(), codes=other, checkpoint_dir=tmp_path, resume=True, on_epoch_end=count, **kwargs)
+    assert epochs == [1] and "data.targets" in capsys.readouterr().out
+    epochs.clear()
+    train_cart(tiny_model(), codes=other, checkpoint_dir=tmp_path, resume=True, on_epoch_end=count, **{**kwargs, "epochs": 2})
+    assert epochs == [1, 2] and "train_cart.epochs: 1 -> 2" in capsys.readouterr().out
     # nothing to resume from: a fresh start
     res = train_cart(tiny_model(), codes=CODES[:6], checkpoint_dir=tmp_path / "new", resume=True, **kwargs)
     assert len(res.history) == 1

@@ -1,15 +1,14 @@
 """The teaching notebook `00_tutorial` and its helpers (`cartlib/tutorial.py`).
 
-Unit tests check the helpers against independent oracles (the library's batched beam search,
-plain Python sets for the tree); the integration test executes the notebook with papermill at a
+Unit tests check the helpers against independent oracles (the former library decoder kept in
+`tests/reference_decoder.py`, plain Python sets for the tree and the prefix constraint); the
+integration test executes the notebook with papermill at a
 tiny scale and checks that every step drew its figure.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
-import re
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,10 +19,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from cartlib import tutorial
-from cartlib.decode import constrained_beam_search
+from cartlib import tutorial, viz
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.model.cart import CartModel, EncoderStates
+from reference_decoder import reference_beam_search
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "00_tutorial.ipynb"
@@ -58,7 +57,7 @@ def test_beam_trace_ends_where_constrained_beam_search_does(beam):
     g = torch.Generator().manual_seed(0)
     states = EncoderStates(torch.randn(2, 3, 5, 16, generator=g), torch.ones(3, 5, dtype=torch.bool))
     top_k = min(beam, 30)
-    ref = constrained_beam_search(model, states, index, beam=beam, top_k=top_k)  # the batched oracle
+    ref = reference_beam_search(model, states, index, beam=beam, top_k=top_k)  # the batched oracle
     for q in range(3):
         trace = tutorial.trace_beam_search(model, encoded=states.select(torch.tensor([q])), prefix_index=index,
                                            beam=beam, top_k=top_k)
@@ -76,11 +75,16 @@ def test_beam_trace_ends_where_constrained_beam_search_does(beam):
         assert not any(trace.levels[r.level].allowed[r.beam, r.code] for r in removed.itertuples())
         assert (frame.groupby("level").status.apply(lambda s: (s == "kept").sum()).to_numpy()
                 == [int(np.isfinite(t.scores).sum()) for t in trace.levels]).all()
+        valid = {tuple(r) for r in codes.tolist()}  # oracle of the constraint: Python prefix sets
+        for r in removed.itertuples():
+            assert r.prefix + (r.code,) not in {p[:len(r.prefix) + 1] for p in valid}
+        summary = tutorial.trace_summary(trace)
+        assert summary["beams_in"].tolist() == [len(t.prefix_scores) for t in trace.levels]
 
 
 def test_tree_layout_matches_the_prefix_sets():
     codes = np.array([[0, 1, 0], [0, 1, 1], [0, 2, 0], [1, 0, 0], [2, 0, 0], [0, 0, 0], [1, 0, 1]])
-    lay = tutorial.tree_layout(codes, clusters=[0, 1])
+    lay = viz.tree_layout(codes, clusters=[0, 1])
     rows = [i for i in range(len(codes)) if codes[i, 0] in (0, 1)]
     assert lay.leaves == sorted(rows, key=lambda i: tuple(codes[i]))  # lexicographic, top to bottom
     for depth in range(codes.shape[1] + 1):  # oracle: the distinct prefixes of each length
@@ -91,7 +95,7 @@ def test_tree_layout_matches_the_prefix_sets():
         assert x == len(prefix) and min(ys) <= y <= max(ys)
     assert set(lay.edges) == {(p[:-1], p) for p in lay.nodes if p}
     with pytest.raises(ValueError, match="no item"):
-        tutorial.tree_layout(codes, clusters=[7])
+        viz.tree_layout(codes, clusters=[7])
 
 
 def test_training_pairs_never_hold_a_test_query():
@@ -103,20 +107,6 @@ def test_training_pairs_never_hold_a_test_query():
         assert len(pairs.texts) == 6 * (5 - data.n_test_captions + n_pseudo)
         assert not test & set(zip(pairs.rows.tolist(), pairs.texts))
         assert (pairs.kinds == "pseudo").sum() == 6 * n_pseudo
-
-
-def test_committed_notebook_is_the_built_one_without_outputs():
-    script = ROOT / "scripts" / "build_notebook_tutorial.py"
-    spec = importlib.util.spec_from_file_location("build_notebook_tutorial", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    built = module.build(module.NAME, module.CELLS)
-    committed = nbformat.read(NOTEBOOK, as_version=4)
-    assert [c.source for c in committed.cells] == [c.source for c in built.cells]
-    code = [c for c in committed.cells if c.cell_type == "code"]
-    assert all(not c.outputs and c.execution_count is None for c in code)
-    assert [c.metadata.get("tags") for c in code].count(["parameters"]) == 1
-    assert not any(re.search(r"^\s*(def|class|async def)\s", c.source, re.M) for c in code)  # thin notebook
 
 
 @pytest.mark.slow

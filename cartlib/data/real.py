@@ -17,7 +17,8 @@ train/test only, so each dataset's validation split is left out (counted in `n_e
 Reference captions are the dataset's own captions (test ones are the queries, written to qrels).
 Pseudo-captions need a captioner's output: put it in `<root>/pseudo_captions.jsonl`, one line
 `{"media": "<media path relative to root>", "captions": ["...", ...]}` per media file, and pass
-`n_pseudo > 0`; without that file there are none (caption enhancement then has nothing to add).
+`n_pseudo > 0`; without that file there are none, and the train stage stops before training
+unless `train.caption_enhancement` is off (no test item would ever be a training target).
 
 The exact layouts and where to get each dataset are in `docs/datasets.md`.
 """

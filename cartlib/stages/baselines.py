@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from cartlib import metrics as M
-from cartlib.baselines import exact_topk
-from cartlib.config import BaselinesConfig, Params, check_task
+from cartlib.baselines import exact_topk, faiss_indexes, recall_vs_exact
+from cartlib.config import Params, check_task
 from cartlib.data import schema
 from cartlib.data.features import load_features
 from cartlib.paths import TaskPaths
@@ -47,25 +47,6 @@ def _timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[np.ndarray, floa
     return out, statistics.median(times)
 
 
-def faiss_indexes(items: np.ndarray, cfg: BaselinesConfig, seed: int) -> dict[str, object]:
-    """Flat, IVF and HNSW inner-product indexes over ``items (N, D)`` (unit vectors)."""
-    import faiss
-
-    d = items.shape[1]
-    flat = faiss.IndexFlatIP(d)
-    flat.add(items)
-    nlist = max(1, min(cfg.ivf_nlist, len(items) // 39))  # FAISS wants ≥ 39 training points per cell
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.cp.seed = seed
-    ivf.train(items)
-    ivf.add(items)
-    ivf.nprobe = min(cfg.ivf_nprobe, nlist)
-    hnsw = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    hnsw.add(items)
-    hnsw.hnsw.efSearch = cfg.hnsw_ef_search
-    return {"faiss_flat": flat, "faiss_ivf": ivf, "faiss_hnsw": hnsw}
-
-
 def pseudo_caption_scores(queries: np.ndarray, pseudo: np.ndarray, owner: np.ndarray, n_items: int) -> np.ndarray:
     """``(Q, N)``: for each item, the best cosine between the query and one of its pseudo-captions
     (``owner[j]`` = gallery row of pseudo-caption ``j``); -inf for items without any."""
@@ -75,11 +56,6 @@ def pseudo_caption_scores(queries: np.ndarray, pseudo: np.ndarray, owner: np.nda
     out = np.full((len(queries), n_items), -np.inf, dtype=np.float32)
     out[:, owners] = np.maximum.reduceat(sims, starts, axis=1)  # per item, the max over its pseudo-captions
     return out
-
-
-def recall_vs_exact(found: np.ndarray, exact: np.ndarray) -> float:
-    """Mean overlap of the top-k lists (order ignored), 1.0 = the exact neighbours."""
-    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, exact)]))
 
 
 def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> BaselinesResult:

@@ -20,11 +20,12 @@ from cartlib.stages.train import load_bundle
 
 
 class Ranking(NamedTuple):
-    query_ids: np.ndarray  # (Q,)
-    item_ids: np.ndarray  # (Q, k) ranked test item ids ("" where fewer than k)
-    scores: np.ndarray  # (Q, k) sum of log-probabilities
-    codes: np.ndarray  # (Q, k, L) generated identifiers
-    seconds: float
+    """Top-k of each query from constrained beam search."""
+
+    items: np.ndarray  # (Q, k) int64 gallery row of the prefix index; -1 where fewer than k
+    scores: np.ndarray  # (Q, k) float32 sum of log-probabilities; -inf where items == -1
+    codes: np.ndarray  # (Q, k, L) int64 generated identifiers; -1 where items == -1
+    seconds: float  # wall-clock of encoding + decoding
 
 
 class EvaluateStageResult(NamedTuple):
@@ -36,9 +37,10 @@ class EvaluateStageResult(NamedTuple):
 
 
 @torch.inference_mode()
-def rank_queries(model, tokenizer, texts: list[str], index: PrefixIndex, gallery_ids: np.ndarray, *,
-                 cfg: EvaluateConfig, max_length: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Encode texts in length-sorted batches and decode the top-k identifiers of each."""
+def decode_texts(model, tokenizer, texts: list[str], index: PrefixIndex, *, beam: int, top_k: int, batch_size: int,
+                 max_length: int, progress: bool = False) -> Ranking:
+    """Encode query texts in length-sorted batches and decode the top-k identifiers of each
+    (:func:`cartlib.decode.constrained_beam_search`, CART inference); items are gallery rows."""
     from tqdm.auto import tqdm
 
     if not texts:
@@ -46,25 +48,35 @@ def rank_queries(model, tokenizer, texts: list[str], index: PrefixIndex, gallery
     empty = [i for i, t in enumerate(texts) if not str(t).strip()]
     if empty:
         raise ValueError(f"empty query at position {empty[0]}")
-    if cfg.top_k > index.n_items:
-        raise ValueError(f"evaluate.top_k={cfg.top_k} exceeds the {index.n_items} items of the gallery")
-    beam = min(cfg.beam, index.n_items)
+    if top_k > index.n_items:
+        raise ValueError(f"top_k={top_k} exceeds the {index.n_items} items of the gallery")
+    beam = min(beam, index.n_items)
     order = np.argsort([len(t) for t in texts], kind="stable")
     q, depth = len(texts), len(index.level_sizes)
-    items = np.full((q, cfg.top_k), -1, np.int64)
-    scores = np.full((q, cfg.top_k), -np.inf, np.float32)
-    codes = np.full((q, cfg.top_k, depth), -1, np.int64)
+    items = np.full((q, top_k), -1, np.int64)
+    scores = np.full((q, top_k), -np.inf, np.float32)
+    codes = np.full((q, top_k, depth), -1, np.int64)
     start = time.perf_counter()
-    for lo in tqdm(range(0, q, cfg.batch_size), desc="beam search", disable=not progress, unit="batch"):
-        idx = order[lo:lo + cfg.batch_size]
+    for lo in tqdm(range(0, q, batch_size), desc="beam search", disable=not progress, unit="batch"):
+        idx = order[lo:lo + batch_size]
         batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt").to(model.device)
         enc = model.encode(batch["input_ids"], batch["attention_mask"])
-        out = constrained_beam_search(model, enc, index, beam=beam, top_k=cfg.top_k)
+        out = constrained_beam_search(model, enc, index, beam=beam, top_k=top_k)
         items[idx], scores[idx], codes[idx] = out.items.cpu().numpy(), out.scores.cpu().numpy(), out.codes.cpu().numpy()
-    seconds = time.perf_counter() - start
-    ranked = np.where(items >= 0, gallery_ids[np.maximum(items, 0)], "")
-    return ranked, scores, codes, seconds
+    return Ranking(items, scores, codes, time.perf_counter() - start)
+
+
+def rank_queries(model, tokenizer, texts: list[str], index: PrefixIndex, gallery_ids: np.ndarray, *,
+                 cfg: EvaluateConfig, max_length: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """:func:`decode_texts` with ``cfg``'s beam, top-k and batch size; gallery rows mapped to
+    ``gallery_ids`` ("" where fewer than k). Returns (ranked ids, scores, codes, seconds)."""
+    if cfg.top_k > index.n_items:
+        raise ValueError(f"evaluate.top_k={cfg.top_k} exceeds the {index.n_items} items of the gallery")
+    r = decode_texts(model, tokenizer, texts, index, beam=cfg.beam, top_k=cfg.top_k, batch_size=cfg.batch_size,
+                     max_length=max_length, progress=progress)
+    ranked = np.where(r.items >= 0, gallery_ids[np.maximum(r.items, 0)], "")
+    return ranked, r.scores, r.codes, r.seconds
 
 
 def first_wrong_level(generated: np.ndarray, gold: np.ndarray) -> np.ndarray:

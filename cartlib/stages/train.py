@@ -1,5 +1,9 @@
 """Stage `train`: the CART model (frozen or fine-tuned MiniLM + compact fused decoder), trained on
-train-split queries and, with caption enhancement, on every gallery item's pseudo-captions."""
+train-split queries and, with caption enhancement, on every gallery item's pseudo-captions.
+
+An interrupted run resumes from ``models/<task>/<name>_checkpoints/last.pt`` only when that
+checkpoint was written under the same :func:`cartlib.cache_key.run_key` (the whole train config,
+seed, identifier table, data, validation set and training code); otherwise it trains from scratch."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +14,8 @@ import pandas as pd
 import torch
 
 from cartlib import io, viz
-from cartlib.config import Params, TrainConfig, check_task, resolve_device
+from cartlib.cache_key import WeightsKey, run_key
+from cartlib.config import ConfigError, Params, TrainConfig, check_task, resolve_device
 from cartlib.data import schema
 from cartlib.data.idstore import IdentifierTable, load_identifiers
 from cartlib.encoders.text import load_text_encoder
@@ -57,6 +62,8 @@ def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, n_val_
     held = (refs["caption_id"] == last) & refs["item_id"].isin(val_items) & (refs.groupby("item_id")["caption_id"].transform("size") > 1)
     train = refs[~held]
     pseudo = caps[caps["kind"] == "pseudo"]
+    if caption_enhancement:
+        _check_pseudo_captions(dataset, pseudo)
     if max_train_items > 0:  # a subset of the train gallery; the test gallery is always kept whole
         keep = set(rng.choice(train_ids, size=min(max_train_items, len(train_ids)), replace=False))
         train = train[train["item_id"].isin(keep)]
@@ -70,6 +77,18 @@ def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, n_val_
                          val["text"].tolist(), row_of[val["item_id"]].to_numpy())
 
 
+def _check_pseudo_captions(dataset: schema.Dataset, pseudo: pd.DataFrame) -> None:
+    """No silent zero: caption enhancement without pseudo-captions of the test gallery adds nothing."""
+    test_ids = dataset.split_items("test")["item_id"]
+    if len(test_ids) and not pseudo["item_id"].isin(set(test_ids)).any():
+        raise ConfigError(
+            f"train.caption_enhancement is on, but none of the {len(test_ids)} test-gallery items has a "
+            "pseudo-caption, so the run would silently be CART without caption enhancement. Supply them: "
+            "put the captioner's output in <data.root>/pseudo_captions.jsonl and set data.n_pseudo > 0 "
+            "(docs/datasets.md, 'Pseudo-captions'; a `features` dataset takes `kind: pseudo` rows in "
+            "captions.tsv), then rerun the data stage. Or turn it off knowingly: train.caption_enhancement: false.")
+
+
 def build_model(cfg: TrainConfig, level_sizes) -> tuple[object, CartModel]:
     tokenizer, encoder = load_text_encoder()
     model = CartModel(text_encoder=encoder, freeze_encoder=cfg.freeze_encoder, level_sizes=level_sizes,
@@ -78,17 +97,23 @@ def build_model(cfg: TrainConfig, level_sizes) -> tuple[object, CartModel]:
     return tokenizer, model
 
 
-def save_bundle(path, *, model: CartModel, cfg: TrainConfig, table: IdentifierTable, history: list[dict]) -> None:
-    """The trained model with the identity of its identifier table (a frozen encoder is not stored)."""
+def save_bundle(path, *, model: CartModel, cfg: TrainConfig, table: IdentifierTable, history: list[dict],
+                key: WeightsKey | None = None) -> None:
+    """The trained model with the identity of its identifier table and, given, the key of what
+    produced it (:func:`cartlib.cache_key.run_key`). A frozen encoder is not stored."""
     state = {k: v for k, v in model.state_dict().items() if not (cfg.freeze_encoder and k.startswith("encoder."))}
     io.torch_save({"state_dict": state, "train_config": dataclasses.asdict(cfg), "scheme": table.scheme,
                    "level_sizes": list(table.vocab.level_sizes), "identifier_fingerprint": table.fingerprint,
-                   "history": history}, path)
+                   "history": history, "cache_key": None if key is None else key.as_dict()}, path)
 
 
-def load_bundle(path, *, table: IdentifierTable, device: str = "cpu") -> tuple[object, CartModel, dict]:
-    """Rebuild a trained model; refuse it if it was trained against another identifier table."""
+def load_bundle(path, *, table: IdentifierTable, device: str = "cpu",
+                expect_key: WeightsKey | None = None) -> tuple[object, CartModel, dict]:
+    """Rebuild a trained model; refuse it if it was trained against another identifier table, or,
+    with ``expect_key``, if it was produced under another key (StaleCacheError, before any weights load)."""
     bundle = io.torch_load(path)
+    if expect_key is not None:
+        expect_key.check(bundle.get("cache_key"), what=f"{path}")
     if bundle["identifier_fingerprint"] != table.fingerprint:
         raise ValueError(f"{path}: this model was trained against identifier table {bundle['identifier_fingerprint'][:12]}… "
                          f"(scheme {bundle['scheme']!r}) but the current table is {table.fingerprint[:12]}… "
@@ -117,7 +142,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     torch.manual_seed(params.base.seed)
     tokenizer, model = build_model(cfg, table.vocab.level_sizes)
     model = model.to(device)
-    codes = torch.from_numpy(table.codes)
+    codes = torch.tensor(table.codes)  # a copy: the stored table is read-only
     train_rows = np.flatnonzero(dataset.items["split"].to_numpy() == "train")
     val = None
     if len(pairs.val_texts):
@@ -126,20 +151,15 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
         val = ValidationSet(pairs.val_texts, torch.as_tensor(position[pairs.val_rows].to_numpy().copy()),
                             PrefixIndex.build(gallery, table.vocab.level_sizes), gallery)
     ckpt_dir = paths.models / (out_name.removesuffix(".pt") + "_checkpoints")
-    kwargs = dict(tokenizer=tokenizer, texts=pairs.texts, codes=codes[pairs.rows], epochs=cfg.epochs,
-                  batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-                  grad_clip=cfg.grad_clip, consistency_weight=cfg.consistency_weight, seed=params.base.seed,
-                  max_length=cfg.max_length, checkpoint_dir=ckpt_dir, progress=progress, val=val)
-    try:  # resume an interrupted run of the same configuration
-        result = train_cart(model, resume=True, **kwargs)
-    except ValueError as e:
-        if "checkpoint" not in str(e).lower() and "mismatch" not in str(e).lower():
-            raise
-        print(f"not resuming ({e}); training from scratch")
-        torch.manual_seed(params.base.seed)
-        tokenizer, model = build_model(cfg, table.vocab.level_sizes)
-        result = train_cart(model.to(device), resume=False, **kwargs)
-    save_bundle(paths.models / out_name, model=result.model, cfg=cfg, table=table, history=result.history)
+    targets = codes[torch.tensor(pairs.rows)]
+    key = run_key(cfg, seed=params.base.seed, table=table, texts=pairs.texts, targets=targets, val=val)
+    # resumes an interrupted run under the same key; a stale checkpoint is ignored (train_cart says why)
+    result = train_cart(model, tokenizer=tokenizer, texts=pairs.texts, codes=targets, epochs=cfg.epochs,
+                        batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                        warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+                        consistency_weight=cfg.consistency_weight, seed=params.base.seed, max_length=cfg.max_length,
+                        checkpoint_dir=ckpt_dir, progress=progress, val=val, resume=True, key=key)
+    save_bundle(paths.models / out_name, model=result.model, cfg=cfg, table=table, history=result.history, key=key)
     history = pd.DataFrame(result.history)
     last = result.history[-1]
     metrics = {"n_train_texts": len(pairs.texts), "n_pseudo_texts": int((pairs.kinds == "pseudo").sum()),

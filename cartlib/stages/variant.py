@@ -8,15 +8,16 @@ the same fixed subset of test queries. Identifiers come from the `identifiers` s
 override keeps its structure (K, M, codebook size, …), else they are built here on the task's
 features with the overridden settings.
 
-Trained models are cached under ``models/<task>/variants/<key>.pt``, keyed by everything that
-determines the weights (training settings, seed, identifier table fingerprint, training texts):
-training is deterministic on the CPU, so two rows that differ only in evaluation (the beam
-sweep) or that coincide (the ablation's "full" row and the main table's CART row) train once.
+Trained models are cached under ``models/<task>/variants/<key>.pt``, named by the settings part of
+:func:`cartlib.cache_key.run_key` (the whole train config, seed, identifier table, training texts
+and targets): training is deterministic on the CPU, so two rows that differ only in evaluation
+(the beam sweep) or that coincide (the ablation's "full" row and the main table's CART row) train
+once. The file also records the fingerprint of the training code; a model trained by other code
+is stale: never loaded, retrained (a line says so) and overwritten.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import pandas as pd
 import torch
 
 from cartlib import io, metrics as M
+from cartlib.cache_key import StaleCacheError, WeightsKey, run_key
 from cartlib.config import Params, TrainConfig, resolve_device, with_overrides
 from cartlib.data import schema
 from cartlib.data.features import load_features
@@ -91,11 +93,37 @@ def identifier_table(params: Params, paths: TaskPaths, dataset: schema.Dataset, 
                            {"config": dataclasses.asdict(cfg), "built_by": "variant"})
 
 
-def model_key(cfg: TrainConfig, table: IdentifierTable, texts: list[str], seed: int) -> str:
-    """Everything that determines the trained weights."""
-    blob = json.dumps({"train": dataclasses.asdict(cfg), "seed": seed, "identifiers": table.fingerprint,
-                       "texts": hashlib.sha256("\n".join(texts).encode()).hexdigest()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+class TrainedVariant(NamedTuple):
+    tokenizer: object
+    model: object  # CartModel, in eval mode on the device
+    history: list[dict]
+    key: WeightsKey
+    cache_hit: bool
+
+
+def trained_model(cfg: TrainConfig, *, table: IdentifierTable, texts: list[str], rows: np.ndarray, seed: int,
+                  cache_dir: Path, device: str = "cpu", progress: bool = True) -> TrainedVariant:
+    """The CART model trained with ``cfg`` on ``texts`` → ``table.codes[rows]``: the cached one when
+    ``cache_dir/<settings digest>.pt`` was produced under the same key (settings and code), else
+    trained now and cached."""
+    targets = torch.tensor(table.codes[rows])
+    key = run_key(cfg, seed=seed, table=table, texts=texts, targets=targets)
+    path = cache_dir / f"{key.config_digest}.pt"
+    if path.exists():
+        try:
+            tokenizer, model, bundle = load_bundle(path, table=table, device=device, expect_key=key)
+            return TrainedVariant(tokenizer, model, bundle["history"], key, True)
+        except StaleCacheError as e:
+            print(f"variant model: {e}; retraining (the file is overwritten)")
+    torch.manual_seed(seed)
+    tokenizer, model = build_model(cfg, table.vocab.level_sizes)
+    result = train_cart(model.to(device), tokenizer=tokenizer, texts=texts, codes=targets, epochs=cfg.epochs,
+                        batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                        warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+                        consistency_weight=cfg.consistency_weight, seed=seed, max_length=cfg.max_length,
+                        checkpoint_dir=None, progress=progress, key=key)
+    save_bundle(path, model=result.model, cfg=cfg, table=table, history=result.history, key=key)
+    return TrainedVariant(tokenizer, result.model, result.history, key, False)
 
 
 def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: bool = True) -> VariantResult:
@@ -105,26 +133,14 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
     device = resolve_device(p.base.device)
     dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
     qrels = query_subset(schema.load_qrels(paths.qrels, dataset), p.compare.n_queries, p.base.seed)
-    table = identifier_table(p, paths, dataset, progress=progress)
+    # before the identifier table: a caption-enhanced row without pseudo-captions stops here
     pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, n_val_items=0, seed=p.base.seed,
                            refs_per_item=cfg.refs_per_item, max_train_items=cfg.max_train_items)
-    key = model_key(cfg, table, pairs.texts, p.base.seed)
-    path = paths.models / "variants" / f"{key}.pt"
-    hit = path.exists()
-    if hit:
-        tokenizer, model, bundle = load_bundle(path, table=table, device=device)
-        history = bundle["history"]
-    else:
-        torch.manual_seed(p.base.seed)
-        tokenizer, model = build_model(cfg, table.vocab.level_sizes)
-        result = train_cart(model.to(device), tokenizer=tokenizer, texts=pairs.texts,
-                            codes=torch.from_numpy(table.codes)[pairs.rows], epochs=cfg.epochs,
-                            batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-                            consistency_weight=cfg.consistency_weight, seed=p.base.seed, max_length=cfg.max_length,
-                            checkpoint_dir=None, progress=progress)
-        model, history = result.model, result.history
-        save_bundle(path, model=model, cfg=cfg, table=table, history=history)
+    table = identifier_table(p, paths, dataset, progress=progress)
+    trained = trained_model(cfg, table=table, texts=pairs.texts, rows=pairs.rows, seed=p.base.seed,
+                            cache_dir=paths.models / "variants", device=device, progress=progress)
+    tokenizer, model, history, hit = trained.tokenizer, trained.model, trained.history, trained.cache_hit
+    key = trained.key.config_digest
 
     test_rows = np.flatnonzero(dataset.items["split"].to_numpy() == "test")
     gallery_ids = dataset.items["item_id"].to_numpy()[test_rows]

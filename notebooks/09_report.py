@@ -1,0 +1,31 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Stage `report`: the paper's claims, checked on our benchmark
+#
+# Gathers every stage's results into the main table (`results/tables/main.md`/`.tex`), the ablation table (`results/tables/ablations.md`/`.tex`) and `results/REPORT.md`: each claim of the paper with our evidence, a verdict (holds / does not hold / mixed), the paper's number beside ours, and provenance (git commit, params hash, MLflow run ids). Whichever way the evidence falls.
+
+# %% tags=["parameters"]
+task = "image"  # image | audio | video (injected by cart-stage; "" for whole-suite stages)
+variant = ""  # identifier scheme (compare) or ablation row (ablations), injected
+root = "."  # repository root (injected)
+
+# %%
+from IPython.display import Markdown, display
+import pandas as pd
+from cartlib.config import load_params
+
+params = load_params(f"{root}/params.yaml")
+print(f"scale={params.base.scale.value}  seed={params.base.seed}")
+
+# %%
+from cartlib import report
+
+result = report.run(params, root)
+display(Markdown(result.markdown))
