@@ -1,0 +1,1 @@
+"""cartlib: the library of the CART benchmark suite (see DESIGN.md, README.md)."""

@@ -42,6 +42,7 @@ class DataConfig:
     root: str = ""  # local folder of a real dataset; unused for synthetic
     n_train: int = 5000  # train items per task (their captions train the encoder and CART)
     n_test: int = 1000  # test gallery per task (Flickr30K's test gallery has 1K images)
+    n_val: int = 500  # validation items, generated like the test gallery: in the corpus; their captions are the only queries any choice is tuned on
     n_captions: int = 5  # reference captions per item (test ones are the queries)
     n_pseudo: int = 2  # pseudo-captions per item from the imperfect captioner (caption enhancement)
     captioner_error_rate: float = 0.3  # chance that the captioner drops or confuses an attribute
@@ -70,6 +71,7 @@ SCHEMES = ("cart", "atomic", "hierarchical_kmeans", "rqvae_only", "kmeans_unique
 @dataclass(frozen=True)
 class IdentifiersConfig:
     scheme: str = "cart"  # the scheme CART trains on (others are built for the comparison table)
+    last_level: str = "nearest"  # nearest code at every RQ level + counter u (the paper) | balanced (last level by matching)
     compare: tuple[str, ...] = SCHEMES  # schemes built and health-checked side by side
     n_clusters: int = 64  # K of the coarse K-Means token (paper: UNKNOWN; sized to the gallery)
     n_levels: int = 2  # M fine RQ-VAE levels (TIGER uses 3; 2 suffice below ~10K items)
@@ -80,6 +82,24 @@ class IdentifiersConfig:
     lr: float = 0.002
     beta: float = 0.25  # commitment weight (standard VQ-VAE value)
     batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class CaptionsConfig:
+    """The captioner of caption enhancement: pseudo-captions of every item, from its media (issue 14)."""
+
+    captioner: str = "learned"  # learned (a small captioning model trained on the train split) | rules (teaching, ablation)
+    epochs: int = 20  # captioner training epochs (chosen on validation items)
+    batch_size: int = 128
+    lr: float = 0.002
+    d_model: int = 128  # captioner decoder width
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.1
+    prefix_length: int = 4  # ClipCap-style prefix: item vector → this many decoder input vectors
+    decoding: str = "sample"  # sample (n_pseudo draws per item, fixed seed) | beam (the n_pseudo best beams)
+    temperature: float = 0.7  # sampling temperature
+    max_length: int = 32  # tokens per pseudo-caption
 
 
 @dataclass(frozen=True)
@@ -169,6 +189,7 @@ class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
     identifiers: IdentifiersConfig = field(default_factory=IdentifiersConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -188,6 +209,7 @@ SECTIONS: dict[str, type] = {
     "base": BaseConfig,
     "data": DataConfig,
     "features": FeaturesConfig,
+    "captions": CaptionsConfig,
     "identifiers": IdentifiersConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
@@ -311,6 +333,8 @@ def _check(obj: Any, where: str) -> None:
         for name in ("n_train", "n_test", "n_captions", "chunk_size"):
             if getattr(obj, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(obj, name)}")
+        if obj.n_val < 0:
+            raise ConfigError(f"{where}.n_val: must be ≥ 0, got {obj.n_val}")
         if obj.n_pseudo < 0:
             raise ConfigError(f"{where}.n_pseudo: must be ≥ 0, got {obj.n_pseudo}")
         if obj.on_missing not in ("fail", "skip"):
@@ -329,7 +353,19 @@ def _check(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.encoder: {obj.encoder!r} is not one of ['towers', 'clip', 'clap', 'precomputed']")
         if obj.encoder != "towers" and not obj.model_path:
             raise ConfigError(f"{where}.model_path: required when features.encoder={obj.encoder!r}")
+    if isinstance(obj, CaptionsConfig):
+        if obj.captioner not in ("learned", "rules"):
+            raise ConfigError(f"{where}.captioner: {obj.captioner!r} is not one of ['learned', 'rules']")
+        if obj.decoding not in ("sample", "beam"):
+            raise ConfigError(f"{where}.decoding: {obj.decoding!r} is not one of ['sample', 'beam']")
+        for name in ("epochs", "batch_size", "d_model", "n_layers", "n_heads", "prefix_length", "max_length"):
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be ≥ 1, got {getattr(obj, name)}")
+        if obj.temperature <= 0:
+            raise ConfigError(f"{where}.temperature: must be > 0, got {obj.temperature}")
     if isinstance(obj, IdentifiersConfig):
+        if obj.last_level not in ("nearest", "balanced"):
+            raise ConfigError(f"{where}.last_level: {obj.last_level!r} is not one of ['nearest', 'balanced']")
         bad = [x for x in (obj.scheme, *obj.compare) if x not in SCHEMES]
         if bad:
             raise ConfigError(f"{where}: unknown scheme(s) {bad}; expected one of {list(SCHEMES)}")
