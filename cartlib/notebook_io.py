@@ -7,11 +7,11 @@ unchanged stage rewrites the same bytes. What goes, and why:
   keys per cell) and nbclient's per-cell `metadata.execution` timestamps;
 - the temp file's name papermill records as `output_path` (replaced by the final path, when given);
   `cart-stage` also records both paths relative to the repository root;
-- progress bars' times and rates: a stream output is rendered as a terminal shows it (each `\\r`
-  overwrites its line, consecutive chunks of one stream merged), so one line is left per bar, its
-  final state, and tqdm's `[elapsed<remaining, rate]` is dropped; the bar, the counts and the
-  postfix (`loss=…`) stay, e.g. `train: 100%|██████████| 5/5 [00:01<00:00,  3.2it/s, loss=0.5]`
-  becomes `train: 100%|██████████| 5/5 [loss=0.5]`;
+- progress bars: a stream output is rendered as a terminal shows it (each `\\r` overwrites its
+  line, consecutive chunks of one stream merged), then every progress-bar line is dropped, as is
+  tqdm's "IProgress not found" warning (it quotes this machine's install path). Bars describe the
+  run, not its result: besides their times and rates, a run that resumes a finished checkpoint or
+  reuses a cached model draws other bars than the run that trained it, for the same result;
 - object addresses in reprs (`<… at 0x7f3a…>` → `<… at 0x…>`);
 - the random id papermill gives the cell it injects (it becomes `injected-parameters`);
 - `execution_count`s are renumbered 1, 2, … over the code cells that ran.
@@ -29,6 +29,7 @@ _TIME_KEYS = ("start_time", "end_time", "duration")
 _CLOCK = r"(?:\d+:)*\d{2}"
 # tqdm's bracket: elapsed[<remaining][, rate][, postfix]
 _TQDM_BRACKET = re.compile(rf" ?\[{_CLOCK}(?:<(?:\?|{_CLOCK}))?(?:,\s*[^,\]]*)?(?P<post>(?:,[^\]]*)?)\]")
+_BAR = re.compile(r"\d+%\|")  # tqdm's "NN%|██  |"
 _UP = "\x1b[A"
 _TERMINAL = re.compile(r"(\r|\n|\x1b\[A)")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -84,12 +85,16 @@ def strip_progress(text: str) -> str:
         elif token:
             lines[row] = token if replace else lines[row] + token
             replace = False
-    return "\n".join(_TQDM_BRACKET.sub(_bracket, line).rstrip() for line in lines)
-
-
-def _bracket(m: re.Match) -> str:
-    post = m.group("post").lstrip(", ").strip()
-    return f" [{post}]" if post else ""
+    kept, skip_next = [], False
+    for line in lines:
+        if skip_next and line.lstrip().startswith("from .autonotebook"):
+            skip_next = False
+            continue
+        skip_next = "TqdmWarning" in line
+        if skip_next or _TQDM_BRACKET.search(line) or _BAR.search(line):
+            continue
+        kept.append(line.rstrip())
+    return "\n".join(kept)
 
 
 def _normalise_outputs(outputs: list[dict], count: int | None) -> list[dict]:
@@ -109,7 +114,7 @@ def _normalise_outputs(outputs: list[dict], count: int | None) -> list[dict]:
     for o in out:
         if o.get("output_type") == "stream":
             o["text"] = _sub_address(strip_progress(o["text"]))
-    return out
+    return [o for o in out if o.get("output_type") != "stream" or o["text"].strip()]
 
 
 def _text(o: dict) -> str:
