@@ -119,7 +119,6 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     max_length: int = 48  # tokens per query (captions are ~25 tokens)
-    n_val_items: int = 300  # train items whose last reference caption is held out for validation recall
     refs_per_item: int = 0  # reference captions per train item used for training (0 = all); fewer = faster
     max_train_items: int = 0  # train items used (0 = all; the test gallery's pseudo-captions always are)
 

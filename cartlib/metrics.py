@@ -1,10 +1,12 @@
 """Retrieval metrics (recall@k, MRR@k) and the TREC-style run table.
 
-Each query has exactly one relevant item (qrels), as in Flickr30K/COCO caption→image retrieval.
+A query may have several relevant items (qrels: one row per relevant item; the built-in
+benchmark's are complete). recall@k is trec_eval's `success@k` (a relevant item in the top k) and
+MRR@k its `recip_rank` cut at k (1 / rank of the first relevant item).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -12,21 +14,47 @@ import pandas as pd
 RUN_COLUMNS = ["query_id", "rank", "item_id", "score"]
 
 
-def retrieval_metrics(ranked: np.ndarray, gold: np.ndarray, *, ks: Sequence[int] = (1, 5, 10),
-                      mrr_k: int = 10, n_candidates: int | None = None) -> dict[str, float]:
-    """ranked (Q, k) candidate ids in rank order (any dtype; -1/"" for an empty slot), gold (Q,).
+class QueryRelevance(NamedTuple):
+    """Qrels grouped by query."""
+    query_ids: np.ndarray  # (Q,) object, each query once, in first-appearance order
+    relevant: list[frozenset]  # (Q,) the relevant item ids of each query
 
-    recall_at_k = fraction of queries whose relevant item is in the top k;
-    mrr_at_10 = mean over queries of 1/rank of the relevant item within the top 10 (0 if absent).
+
+def group_qrels(qrels: pd.DataFrame) -> QueryRelevance:
+    """One entry per query of a qrels frame (query_id, item_id; a row per relevant item)."""
+    grouped = qrels.groupby("query_id", sort=False)["item_id"].agg(frozenset)
+    return QueryRelevance(grouped.index.to_numpy(dtype=object), grouped.tolist())
+
+
+def relevance_stats(qrels: pd.DataFrame) -> dict[str, float]:
+    """How many items each query has: the mean, and the share of queries with more than one."""
+    n = qrels.groupby("query_id", sort=False).size().to_numpy()
+    return {"mean_relevant_per_query": float(n.mean()), "share_multi_relevant": float((n > 1).mean())}
+
+
+def _hits(ranked: np.ndarray, gold) -> np.ndarray:
+    """(Q, k) bool: ranked[q, r] is relevant to query q (gold: (Q,) ids, or Q collections of ids)."""
+    if len(gold) and isinstance(gold[0], Collection) and not isinstance(gold[0], str):
+        return np.array([[x in rel for x in row] for row, rel in zip(ranked.tolist(), gold)], dtype=bool) \
+            .reshape(ranked.shape)
+    return ranked == np.asarray(gold)[:, None]
+
+
+def retrieval_metrics(ranked: np.ndarray, gold, *, ks: Sequence[int] = (1, 5, 10),
+                      mrr_k: int = 10, n_candidates: int | None = None) -> dict[str, float]:
+    """ranked (Q, k) candidate ids in rank order (any dtype; -1/"" for an empty slot); gold: (Q,)
+    the one relevant id of each query, or Q collections (sets) of relevant ids.
+
+    recall_at_k = fraction of queries with a relevant item in the top k (trec_eval success@k);
+    mrr_at_10 = mean over queries of 1/rank of the first relevant item within the top 10 (0 if none).
     """
     ranked = np.asarray(ranked)
-    gold = np.asarray(gold)
     if ranked.ndim != 2 or len(ranked) != len(gold):
         raise ValueError(f"ranked must be (Q, k) with Q = len(gold) = {len(gold)}, got shape {ranked.shape}")
     if len(gold) == 0:
         raise ValueError("no queries to evaluate")
-    hit = ranked == gold[:, None]  # (Q, k)
-    first = np.where(hit.any(1), hit.argmax(1) + 1, 0)  # rank of the relevant item, 0 = missing
+    hit = _hits(ranked, gold)  # (Q, k)
+    first = np.where(hit.any(1), hit.argmax(1) + 1, 0)  # rank of the first relevant item, 0 = missing
     out: dict[str, float] = {}
     for k in ks:
         out[f"recall_at_{k}"] = float(((first >= 1) & (first <= k)).mean())
@@ -54,9 +82,10 @@ def run_table(query_ids: Sequence[str], ranked_item_ids: np.ndarray, scores: np.
 
 
 def metrics_from_run(run: pd.DataFrame, qrels: pd.DataFrame, *, n_candidates: int | None = None) -> dict[str, float]:
-    """Recompute the metrics from a run table and qrels (what an external evaluator would do)."""
+    """Recompute the metrics from a run table and qrels (what an external evaluator would do):
+    every query of the qrels counts, a query absent from the run scores 0."""
     top = run.sort_values(["query_id", "rank"]).groupby("query_id")["item_id"].apply(list).to_dict()
-    q = qrels["query_id"].tolist()
+    rel = group_qrels(qrels)
     width = max((len(v) for v in top.values()), default=1)
-    ranked = np.array([(top.get(x, []) + [""] * width)[:width] for x in q], dtype=object)
-    return retrieval_metrics(ranked, qrels["item_id"].to_numpy(dtype=object), n_candidates=n_candidates)
+    ranked = np.array([(top.get(x, []) + [""] * width)[:width] for x in rel.query_ids], dtype=object)
+    return retrieval_metrics(ranked, rel.relevant, n_candidates=n_candidates)

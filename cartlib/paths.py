@@ -19,7 +19,13 @@ class TaskPaths(NamedTuple):
 
     @property
     def qrels(self) -> Path:
+        """Test queries → every relevant test item."""
         return self.data / "qrels.tsv"
+
+    @property
+    def qrels_val(self) -> Path:
+        """Validation queries → every relevant val item (the only queries choices are tuned on)."""
+        return self.data / "qrels_val.tsv"
 
     @property
     def features(self) -> Path:

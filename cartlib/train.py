@@ -46,10 +46,10 @@ _FORMAT = "cartlib.train.cart/v2"  # v2: keyed by a cache_key.WeightsKey (v1 che
 
 
 class ValidationSet(NamedTuple):
-    """Held-out queries for recall@1 after every epoch."""
+    """Held-out queries for recall@1 after every epoch (a hit: the top item is a relevant one)."""
 
     texts: Sequence[str]
-    items: Tensor  # (Q_val,) row of `codes` relevant to each text
+    items: Tensor  # (Q_val,) the row of `codes` relevant to each text, or (Q_val, R) its relevant rows, -1 pads
     prefix_index: PrefixIndex  # built from `codes`
     codes: Tensor  # (N, L) identifier table of the gallery
 
@@ -164,7 +164,7 @@ def train_cart(
         val = ValidationSet(*val)
         val_ids, val_mask = _tokenize(tokenizer, val.texts, max_length)
         val_index = val.prefix_index.to(device)
-        val_items = torch.as_tensor(val.items).long().to(device)
+        val_items = torch.as_tensor(val.items).long().reshape(len(val.texts), -1).to(device)  # (Q_val, R)
         val_beam = max(1, min(val_beam, val_index.n_items))
 
     steps_per_epoch = math.ceil(q / batch_size)
@@ -325,7 +325,8 @@ def _recall_at_1(
             width = int(m.sum(1).max())
             enc = model.encode(ids[lo : lo + batch_size, :width].to(model.device), m[:, :width].to(model.device))
             out = constrained_beam_search(model, enc, index, beam=beam, top_k=1)
-            hits += int((out.items[:, 0] == items[lo : lo + batch_size]).sum())
+            top = out.items[:, :1]  # (B, 1); -1 never matches a relevant row
+            hits += int(((top == items[lo : lo + batch_size]) & (top >= 0)).any(1).sum())
     model.train()
     return hits / ids.shape[0]
 

@@ -132,7 +132,7 @@ def as_dataset(data: TutorialData) -> schema.Dataset:
 def training_pairs(data: TutorialData, *, caption_enhancement: bool, seed: int = 0) -> TrainingPairs:
     """Training reference captions → their item; with caption enhancement also every pseudo-caption.
     The `train` stage's builder (:func:`cartlib.stages.train.training_pairs`) on :func:`as_dataset`."""
-    return stage_training_pairs(as_dataset(data), caption_enhancement=caption_enhancement, n_val_items=0, seed=seed)
+    return stage_training_pairs(as_dataset(data), caption_enhancement=caption_enhancement, seed=seed)
 
 
 def caption_table(data: TutorialData, *, rows: Sequence[int]) -> pd.DataFrame:

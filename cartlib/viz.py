@@ -450,3 +450,23 @@ def throughput_figure(table, *, systems: Sequence[str], ratio_batch: int, crosso
                  ha="left")
     fig.tight_layout()
     return fig
+
+
+def caption_examples(examples: pd.DataFrame, *, title: str):
+    """A few items as text: a reference caption, the pseudo-captions and (if given) the nearest-train baseline's."""
+    rows = examples.to_dict("records")
+    fig, ax = plt.subplots(figsize=(11, 0.9 + 1.35 * max(1, len(rows))))
+    ax.axis("off")
+    lines = []
+    for r in rows:
+        lines.append(f"{r['item_id']} ({r.get('split', '')})")
+        lines.append(_wrap(f"    reference: {r['reference']}", 130))
+        lines.append(_wrap(f"    pseudo:    {r['pseudo']}", 130))
+        if r.get("baseline"):
+            lines.append(_wrap(f"    baseline:  {r['baseline']}", 130))
+        lines.append("")
+    ax.text(0.0, 1.0, "\n".join(lines) if rows else "(no items to show)", va="top", ha="left", family="monospace",
+            fontsize=7.5, transform=ax.transAxes)
+    ax.set_title(title, fontsize=10, loc="left")
+    fig.tight_layout()
+    return fig

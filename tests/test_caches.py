@@ -26,7 +26,7 @@ from test_train import CODES, TEXTS, tiny_model, tokenizer
 
 # a smoke-size decoder on the bundled (frozen) MiniLM: each stage run takes a second or two
 TINY = TrainConfig(d_model=32, n_heads=4, n_layers=1, dropout=0.1, epochs=2, batch_size=8, lr=5e-3,
-                   consistency_weight=0.5, max_length=16, n_val_items=2)
+                   consistency_weight=0.5, max_length=16)
 PARAMS = Params(base=BaseConfig(seed=0, device="cpu", tasks=("image",)))
 SIZES = (3, 2, 2)
 

@@ -103,6 +103,17 @@ def test_health_matches_a_hand_count():
     assert h["reconstruction_rel_error"] == 0.25 and h["fit_seconds"] == 1.5
 
 
+def test_health_reports_every_level_size_and_u_is_the_largest_prefix_group():
+    # nearest rule: (k, v) collide, u = 0, 1, 2, … over the items sharing the prefix, in row order
+    codes = np.array([[0, 1, 0], [0, 1, 1], [2, 0, 0], [0, 1, 2], [1, 3, 0]])
+    h = identifier_health(codes, (3, 4, 3))
+    assert [h["level_size_l0"], h["level_size_l1"], h["level_size_l2"]] == [3, 4, 3]
+    assert h["level_size_l2"] == h["max_items_per_prefix"] == 3
+    assert h["collision_rate"] == pytest.approx(3 / 5) and h["unique_token_p99"] == 2
+    atomic = identifier_health(np.arange(4)[:, None], (4,), has_unique_token=False)
+    assert atomic["level_size_l0"] == 4 and "level_size_l1" not in atomic
+
+
 def test_health_percentile_on_many_items():
     u = np.zeros(200, dtype=np.int64)
     u[-2:] = 7  # 1% of items have u = 7: the 99th percentile is still 0

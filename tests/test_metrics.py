@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cartlib.metrics import metrics_from_run, retrieval_metrics, run_table
+from cartlib.metrics import group_qrels, metrics_from_run, relevance_stats, retrieval_metrics, run_table
 
 
 def test_metrics_match_hand_count():
@@ -38,3 +38,33 @@ def test_run_table_round_trip_recomputes_metrics():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="Q"):
         retrieval_metrics(np.zeros((3, 2)), np.zeros(4))
+
+
+def test_several_relevant_items_count_as_trec_eval_success_and_recip_rank():
+    """Hand count of trec_eval's success@k and recip_rank (cut at k) with several relevant items."""
+    ranked = np.array([
+        ["a", "b", "c"],   # relevant {b, c}: first relevant at rank 2
+        ["x", "y", "z"],   # relevant {q}: none in the list
+        ["c", "a", "b"],   # relevant {a, b, c}: rank 1 (more relevant items do not add up)
+        ["d", "", ""],     # relevant {d, e}: rank 1, empty slots never match
+    ])
+    gold = [{"b", "c"}, {"q"}, {"a", "b", "c"}, frozenset({"d", "e"})]
+    m = retrieval_metrics(ranked, gold, ks=(1, 2, 3), mrr_k=3)
+    assert m["recall_at_1"] == pytest.approx(2 / 4)
+    assert m["recall_at_2"] == m["recall_at_3"] == pytest.approx(3 / 4)
+    assert m["mrr_at_3"] == pytest.approx((1 / 2 + 0 + 1 + 1) / 4)
+    # the run file + qrels with one row per relevant item give the same numbers
+    run = run_table(["q0", "q1", "q2", "q3"], ranked, -np.tile(np.arange(3.0), (4, 1)))
+    qrels = pd.DataFrame([(f"q{i}", x) for i, rel in enumerate(gold) for x in sorted(rel)],
+                         columns=["query_id", "item_id"])
+    again = metrics_from_run(run, qrels)
+    assert again["recall_at_1"] == pytest.approx(2 / 4) and again["mrr_at_10"] == pytest.approx(2.5 / 4)
+    assert again["n_queries"] == 4  # each query once, however many relevant rows it has
+
+
+def test_group_qrels_and_relevance_stats_hand_count():
+    qrels = pd.DataFrame({"query_id": ["q2", "q1", "q2", "q3", "q2"], "item_id": ["a", "b", "c", "a", "d"]})
+    rel = group_qrels(qrels)
+    assert list(rel.query_ids) == ["q2", "q1", "q3"] and rel.relevant == [{"a", "c", "d"}, {"b"}, {"a"}]
+    assert relevance_stats(qrels) == {"mean_relevant_per_query": pytest.approx(5 / 3),
+                                      "share_multi_relevant": pytest.approx(1 / 3)}

@@ -117,7 +117,7 @@ def make_audiocaps(root: Path) -> Path:
 def make_clotho(root: Path) -> Path:
     header = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
     for split, names in (("development", ["Santa Motor.wav", "Radio Garble.wav", "Footsteps, gravel.wav"]),
-                         ("evaluation", ["Ambience Birds.wav", "Bus stop.wav"])):
+                         ("validation", ["Rain on roof.wav"]), ("evaluation", ["Ambience Birds.wav", "Bus stop.wav"])):
         rows = [[n] + [f"sound of {Path(n).stem.lower()}, take {j}" for j in range(5)] for n in names]
         write_csv(root / f"clotho_captions_{split}.csv", header, rows)
         for i, n in enumerate(names):
@@ -126,9 +126,9 @@ def make_clotho(root: Path) -> Path:
 
 
 def make_msrvtt(root: Path) -> Path:
-    vids = ["video0", "video1", "video2", "video7010", "video7020"]
-    videos = [{"video_id": v, "split": "train" if i < 3 else "test", "category": i, "id": i}
-              for i, v in enumerate(vids)]
+    vids = ["video0", "video1", "video2", "video6600", "video7010", "video7020"]
+    own = ["train", "train", "train", "validate", "test", "test"]
+    videos = [{"video_id": v, "split": s, "category": i, "id": i} for i, (v, s) in enumerate(zip(vids, own))]
     sentences = [{"video_id": v, "caption": f"clip {v} shows thing {j}", "sen_id": 20 * i + j}
                  for i, v in enumerate(vids) for j in range(3)]
     (root).mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,8 @@ def make_msvd(root: Path, *, lists: bool = True) -> Path:
     lines += [f"{c} a squirrel number {i} is eating take {j}" for i, c in enumerate(MSVD_CLIPS) for j in range(3)]
     (root / "AllVideoDescriptions.txt").write_text("\n".join(lines) + "\n")
     if lists:
-        (root / "train_list.txt").write_text("\n".join(MSVD_CLIPS[:3]) + "\n")
+        (root / "train_list.txt").write_text("\n".join(MSVD_CLIPS[:2]) + "\n")
+        (root / "val_list.txt").write_text(MSVD_CLIPS[2] + "\n")
         (root / "test_list.txt").write_text("\n".join(MSVD_CLIPS[3:]) + "\n")
     else:  # the standard split by vid number: 1–1200 train, 1201–1300 val, 1301–1970 test
         nums = [1, 2, 1250, 1301, 1970]
@@ -162,13 +163,15 @@ def make_msvd(root: Path, *, lists: bool = True) -> Path:
 
 MAKERS = {"flickr30k": make_flickr30k, "coco": make_coco, "audiocaps": make_audiocaps, "clotho": make_clotho,
           "msrvtt": make_msrvtt, "msvd": make_msvd}
-# (n_train, n_test, test queries) each fixture must give
-EXPECTED = {"flickr30k": (2, 2, 10), "coco": (2, 2, 11), "audiocaps": (3, 2, 10), "clotho": (3, 2, 10),
-            "msrvtt": (3, 2, 2), "msvd": (3, 2, 6)}
+# (n_train, n_test, test queries, n_val, validation queries) each fixture must give: the official
+# validation split of every dataset becomes split "val"
+EXPECTED = {"flickr30k": (2, 2, 10, 1, 5), "coco": (2, 2, 11, 0, 0), "audiocaps": (3, 2, 10, 1, 1),
+            "clotho": (3, 2, 10, 1, 5), "msrvtt": (3, 2, 2, 1, 3), "msvd": (2, 2, 6, 1, 3)}
 
 
 def folder(tmp_path: Path, task: str = "image") -> SimpleNamespace:
-    return SimpleNamespace(dataset=tmp_path / "out" / "dataset", qrels=tmp_path / "out" / "qrels.tsv", task=task)
+    return SimpleNamespace(dataset=tmp_path / "out" / "dataset", qrels=tmp_path / "out" / "qrels.tsv",
+                           qrels_val=tmp_path / "out" / "qrels_val.tsv", task=task)
 
 
 def build(name: str, root: Path, tmp_path: Path, **kw):
@@ -178,18 +181,27 @@ def build(name: str, root: Path, tmp_path: Path, **kw):
     return summary, ds, load_qrels(out.qrels, ds)
 
 
+def build_val_qrels(tmp_path: Path, ds):
+    return load_qrels(folder(tmp_path).qrels_val, ds, split="val")
+
+
 # ----------------------------------------------------------------------------- loaders
 
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_loader_writes_the_schema(name, tmp_path):
     root = MAKERS[name](tmp_path / name)
     summary, ds, qrels = build(name, root, tmp_path)
-    n_train, n_test, n_queries = EXPECTED[name]
-    assert (summary.n_train, summary.n_test, summary.n_items) == (n_train, n_test, n_train + n_test)
-    assert summary.n_missing == summary.n_unreadable == 0 and summary.missing == summary.unreadable == []
+    n_train, n_test, n_queries, n_val, n_val_queries = EXPECTED[name]
+    assert (summary.n_train, summary.n_test, summary.n_val, summary.n_items) == \
+        (n_train, n_test, n_val, n_train + n_test + n_val)
+    assert summary.n_missing == summary.n_unreadable == summary.n_excluded == 0
+    assert summary.missing == summary.unreadable == []
     assert ds.manifest["dataset"] == name and ds.manifest["media"] is None and ds.media is None
-    assert ds.task == real.TASK_OF[name]
-    assert list(ds.items["split"]) == ["test"] * n_test + ["train"] * n_train  # schema: test items first
+    assert ds.task == real.TASK_OF[name] and ds.manifest["n_val"] == n_val
+    assert list(ds.items["split"]) == ["test"] * n_test + ["train"] * n_train + ["val"] * n_val  # test first
+    val_qrels = build_val_qrels(tmp_path, ds)  # a val query's relevant item is its own
+    assert len(val_qrels) == n_val_queries == len(ds.queries("val"))
+    assert set(val_qrels["item_id"]) == set(ds.split_items("val")["item_id"])
     assert (ds.items["media_index"] == -1).all()
     for rel in ds.items["media_path"]:
         assert not Path(rel).is_absolute() and (root / rel).is_file()
@@ -216,7 +228,7 @@ def test_clotho_names_with_spaces_and_commas(tmp_path):
 
 def test_msvd_standard_split_from_mapping(tmp_path):
     summary, ds, _ = build("msvd", make_msvd(tmp_path / "v", lists=False), tmp_path)
-    assert (summary.n_train, summary.n_test, summary.n_excluded) == (2, 2, 1)  # vid1250 is validation
+    assert (summary.n_train, summary.n_test, summary.n_val, summary.n_excluded) == (2, 2, 1, 0)  # vid1250: val
     assert set(ds.split_items("test")["item_id"]) == {f"msvd-{MSVD_CLIPS[3]}", f"msvd-{MSVD_CLIPS[4]}"}
 
 
@@ -226,7 +238,7 @@ def test_max_items_pseudo_captions_and_caption_cap(tmp_path):
              {"media": "./images/1000268201.jpg", "captions": ["a brown dog"]}]
     (root / real.PSEUDO_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines))
     summary, ds, _ = build("flickr30k", root, tmp_path, max_items=2, n_pseudo=2, n_captions=3)
-    assert (summary.n_test, summary.n_train, summary.n_excluded) == (1, 1, 3)  # 1 val + 2 beyond max_items
+    assert (summary.n_test, summary.n_train, summary.n_val, summary.n_excluded) == (1, 1, 0, 3)  # beyond max_items
     caps = ds.captions
     assert (caps["kind"] == "reference").sum() == 6 and summary.n_captions == 6
     assert list(caps[caps["kind"] == "pseudo"]["text"]) == ["a dog", "an animal", "a brown dog"]
@@ -292,14 +304,14 @@ def test_unreadable_media(name, victim, kind, tmp_path):
         build(name, root, tmp_path)
     summary, ds, _ = build(name, root, tmp_path, on_missing="skip")
     assert summary.n_unreadable == 1 and summary.unreadable == [victim] and summary.n_missing == 0
-    assert summary.n_items == sum(EXPECTED[name][:2]) - 1
+    assert summary.n_items == EXPECTED[name][0] + EXPECTED[name][1] + EXPECTED[name][3] - 1
 
 
 def test_everything_missing_is_an_error_even_when_skipping(tmp_path):
     root = make_flickr30k(tmp_path / "f")
     for f in (root / "images").iterdir():
         f.unlink()
-    with pytest.raises(DataFormatError, match=r"no train item left \(4 missing"):
+    with pytest.raises(DataFormatError, match=r"no train item left \(5 missing"):
         build("flickr30k", root, tmp_path, on_missing="skip")
     with pytest.raises(ValueError, match="on_missing='ignore'"):
         build("flickr30k", root, tmp_path, on_missing="ignore")
@@ -347,7 +359,7 @@ def test_import_features_npy_and_parquet(tmp_path):
     caps["embedding"] = list(rng.normal(size=(len(caps), 6)))
     caps.to_parquet(src / "captions.parquet")
     got = real.import_features(source=src, dataset_folder=out.dataset, features_folder=tmp_path / "feat")
-    assert (got.n_items, got.n_captions, got.dim, got.n_unused) == (4, 20, 6, 1)
+    assert (got.n_items, got.n_captions, got.dim, got.n_unused) == (5, 25, 6, 1)  # val items included
     feats = load_features(tmp_path / "feat", ds)
     assert np.allclose(np.linalg.norm(feats.items, axis=1), 1) and feats.items.dtype == np.float32
     raw = np.load(src / "items.npy")[::-1][1:]  # rows reversed back, the extra row dropped
@@ -373,12 +385,12 @@ def test_features_dataset_round_trip(tmp_path):
     np.save(root / "captions.npy", rng.normal(size=(7, 4)))
     out = folder(tmp_path, "image")
     summary = real.build_real_dataset(dataset="features", root=root, task_folder=out, n_pseudo=1)
-    assert (summary.n_test, summary.n_train, summary.n_pseudo, summary.n_excluded) == (2, 2, 1, 1)
+    assert (summary.n_test, summary.n_train, summary.n_val, summary.n_pseudo, summary.n_excluded) == (2, 2, 1, 1, 0)
     ds = load_dataset(out.dataset)
-    assert list(ds.items["item_id"]) == ["a1", "a2", "b1", "b2"]
+    assert list(ds.items["item_id"]) == ["a1", "a2", "b1", "b2", "v1"]
     got = real.import_features(source=root, dataset_folder=out.dataset, features_folder=tmp_path / "feat")
-    assert got.n_captions == 5  # b2's two identical captions share one vector
-    assert load_features(tmp_path / "feat", ds).captions.shape == (5, 4)
+    assert got.n_captions == 6  # b2's two identical captions share one vector
+    assert load_features(tmp_path / "feat", ds).captions.shape == (6, 4)
     pd.DataFrame({"item_id": ["a 1"], "split": ["test"]}).to_csv(root / "items.tsv", sep="\t", index=False)
     with pytest.raises(DataFormatError, match="items.tsv: item_id 'a 1' is empty or has whitespace"):
         real.build_real_dataset(dataset="features", root=root, task_folder=out)
@@ -454,7 +466,7 @@ def test_clip_images_and_queries(tiny_clip, tmp_path, monkeypatch):
     got = P.extract_features(dataset=ds, root=root, kind="clip", model_path=tiny_clip, device="cpu", batch_size=3,
                              cache_dir=cache, progress=False)
     n_refs = int((ds.captions["kind"] == "reference").sum())
-    assert got.items.shape == (4, 8) and got.captions.shape == (n_refs, 8) and got.items.dtype == np.float32
+    assert got.items.shape == (5, 8) and got.captions.shape == (n_refs, 8) and got.items.dtype == np.float32
     assert np.allclose(np.linalg.norm(got.items, axis=1), 1, atol=1e-5)
     assert np.allclose(np.linalg.norm(got.captions, axis=1), 1, atol=1e-5)
     # the same numbers by hand, through transformers directly
@@ -486,7 +498,7 @@ def test_clip_videos_mean_pool_frames(tiny_clip, tmp_path):
     _, ds, _ = build("msrvtt", root, tmp_path)
     got = P.extract_features(dataset=ds, root=root, kind="clip", model_path=tiny_clip, device="cpu", batch_size=2,
                              n_frames=3, progress=False)
-    assert got.items.shape == (5, 8) and np.allclose(np.linalg.norm(got.items, axis=1), 1, atol=1e-5)
+    assert got.items.shape == (6, 8) and np.allclose(np.linalg.norm(got.items, axis=1), 1, atol=1e-5)
     enc = P.load_pretrained(kind="clip", model_path=tiny_clip)
     frames = real.load_video_frames(root / ds.items["media_path"].iloc[0], n_frames=3)
     with torch.no_grad():
@@ -508,7 +520,7 @@ def test_clap_audio_and_queries(tiny_clap, tmp_path):
     _, ds, _ = build("audiocaps", root, tmp_path)
     got = P.extract_features(dataset=ds, root=root, kind="clap", model_path=tiny_clap, device="cpu", batch_size=2,
                              progress=False)
-    assert got.items.shape == (5, 32) and got.captions.shape == (13, 32)
+    assert got.items.shape == (6, 32) and got.captions.shape == (14, 32)
     assert np.allclose(np.linalg.norm(got.items, axis=1), 1, atol=1e-5)
     enc = P.load_pretrained(kind="clap", model_path=tiny_clap)
     again = P.encode_media([root / p for p in ds.items["media_path"]], encoder=enc, modality="audio", batch_size=5)

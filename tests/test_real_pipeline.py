@@ -38,7 +38,7 @@ TINY = {
                     "epochs": 2, "batch_size": 8, "compare": ["cart", "atomic"]},
     # the fixtures ship no pseudo_captions.jsonl: caption enhancement is turned off knowingly (with it on,
     # the train stage refuses to run rather than score a silent zero)
-    "train": {"epochs": 1, "d_model": 32, "n_heads": 4, "n_layers": 1, "n_val_items": 1, "batch_size": 16,
+    "train": {"epochs": 1, "d_model": 32, "n_heads": 4, "n_layers": 1, "batch_size": 16,
               "caption_enhancement": False},
     "evaluate": {"beam": 2, "top_k": 2},  # evaluate refuses top_k > the test gallery (2 items here)
 }
@@ -106,7 +106,7 @@ def check_outputs(paths, n_test: int):
         assert METRIC_KEYS <= set(m), (stage, sorted(m))
         assert 0.0 <= m["recall_at_1"] <= m["recall_at_5"] <= m["recall_at_10"] <= 1.0
         assert 0.0 <= m["mrr_at_10"] <= 1.0
-        assert m["n_queries"] == len(qrels) and m["n_candidates"] == n_test
+        assert m["n_queries"] == qrels["query_id"].nunique() and m["n_candidates"] == n_test
         run = pd.read_csv(folder / "run.tsv", sep="\t", dtype={"query_id": str, "item_id": str})
         assert list(run.columns) == ["query_id", "rank", "item_id", "score"]
         assert len(run) and set(run["item_id"]) <= test_ids, stage  # only the test gallery is ranked
@@ -161,11 +161,12 @@ def test_smoke_pipeline_on_precomputed_features(tmp_path, mlflow_store):
     params = smoke_params(task="image", dataset="features", root=root, encoder="precomputed", model_path=root)
     paths = repo_paths(tmp_path, "image", mlflow_store)
     out = run_pipeline(params, paths)
-    assert (out["data"].metrics["n_train"], out["data"].metrics["n_test"]) == (4, 3)
-    assert out["features"].features.items.shape == (7, 6)
+    assert (out["data"].metrics["n_train"], out["data"].metrics["n_test"], out["data"].metrics["n_val"]) == (4, 3, 1)
+    assert out["features"].features.items.shape == (8, 6)  # the val item is a corpus item
+    assert out["train"].metrics["n_val_queries"] == 3  # its reference captions are the validation queries
     # the vectors are the ones brought along (unit-normalised), in items.tsv order
     raw = np.load(root / "items.npy")
-    order = [["t1", "t2", "t3", "r1", "r2", "r3", "r4"].index(i) for i in out["features"].features.item_ids]
+    order = [["t1", "t2", "t3", "r1", "r2", "r3", "r4", "v1"].index(i) for i in out["features"].features.item_ids]
     want = raw[order] / np.linalg.norm(raw[order], axis=1, keepdims=True)
     assert np.allclose(out["features"].features.items, want, atol=1e-5)
     assert out["features"].metrics["recall_at_1"] > 0.5  # captions sit next to their item: the baseline finds it
@@ -178,4 +179,4 @@ def test_data_stage_keeps_pseudo_captions_of_a_features_dataset(tmp_path, mlflow
     params = smoke_params(task="image", dataset="features", root=root, encoder="precomputed", model_path=root)
     result = data_stage.run(params, repo_paths(tmp_path, "image", mlflow_store), progress=False)
     assert params.data.n_pseudo == 2
-    assert result.metrics["n_pseudo_captions"] == 7  # one `kind: pseudo` row per kept item (≤ data.n_pseudo)
+    assert result.metrics["n_pseudo_captions"] == 8  # one `kind: pseudo` row per kept item (≤ data.n_pseudo), val included

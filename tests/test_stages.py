@@ -12,24 +12,24 @@ from cartlib.stages.train import build_model, load_bundle, save_bundle, training
 from test_schema import write_tiny
 
 
-def test_training_pairs_never_use_test_queries(tmp_path):
-    folder, _ = write_tiny(tmp_path, n_test=2, n_train=3)
+def test_training_pairs_never_use_test_or_val_queries(tmp_path):
+    folder, _ = write_tiny(tmp_path, n_test=2, n_train=3, n_val=2)
     ds = load_dataset(folder)
-    pairs = training_pairs(ds, caption_enhancement=True, n_val_items=1, seed=0)
-    test_refs = set(ds.queries("test")["text"])
-    assert not test_refs & set(pairs.texts)
-    # caption enhancement: the pseudo-captions of test items are training texts
-    test_pseudo = set(ds.queries("test", kind="pseudo")["text"])
-    assert test_pseudo <= set(pairs.texts)
-    # the held-out validation caption is not trained on, and targets a train item
-    assert len(pairs.val_texts) == 1 and pairs.val_texts[0] not in pairs.texts
-    assert ds.items["split"].iloc[pairs.val_rows[0]] == "train"
-    # every text targets the item it describes (hand count: 3 train items × 2 refs − 1 held out + 5 pseudo)
-    assert len(pairs.texts) == 3 * 2 - 1 + 5
+    pairs = training_pairs(ds, caption_enhancement=True, seed=0)
+    held_out = set(ds.queries("test")["text"]) | set(ds.queries("val")["text"])
+    assert not held_out & set(pairs.texts)
+    # caption enhancement: the pseudo-captions of test and val items (corpus items) are training texts
+    corpus_pseudo = set(ds.queries("test", kind="pseudo")["text"]) | set(ds.queries("val", kind="pseudo")["text"])
+    assert corpus_pseudo <= set(pairs.texts)
+    # every text targets the item it describes (hand count: 3 train items × 2 refs + 7 pseudo)
+    assert len(pairs.texts) == 3 * 2 + 7
     for text, row in zip(pairs.texts, pairs.rows):
         assert f"item {row} " in text or f"pseudo {row} " in text
-    off = training_pairs(ds, caption_enhancement=False, n_val_items=0, seed=0)
+    off = training_pairs(ds, caption_enhancement=False, seed=0)
     assert set(off.kinds) == {"reference"} and len(off.texts) == 6
+    # max_train_items subsets the train items only: every test and val pseudo-caption stays
+    few = training_pairs(ds, caption_enhancement=True, seed=0, max_train_items=1)
+    assert corpus_pseudo <= set(few.texts) and len(few.texts) == 1 * 2 + 1 + 4
 
 
 def test_first_wrong_level_hand_count():
@@ -68,3 +68,24 @@ def test_identifier_store_round_trip_and_mismatch(tmp_path):
     with pytest.raises(ValueError, match="level 1"):
         save_identifiers(tmp_path, scheme="bad", codes=np.array([[0, 5]]), item_ids=["a"], level_sizes=(2, 2),
                          has_unique_token=True, meta={})
+
+
+def test_validation_set_ranks_val_queries_against_the_val_items_alone(tmp_path):
+    import pandas as pd
+    import torch
+
+    from cartlib.data.schema import load_qrels
+    from cartlib.stages.train import validation_set
+
+    own = pd.DataFrame({"query_id": [f"image-000000{i}-c{j}" for i in (5, 6) for j in range(2)],
+                        "item_id": [f"image-000000{i}" for i in (5, 6) for _ in range(2)]})
+    extra = pd.DataFrame({"query_id": ["image-0000006-c1"], "item_id": ["image-0000005"]})  # true of both
+    folder, _ = write_tiny(tmp_path, n_test=2, n_train=3, n_val=2, qrels={"val": pd.concat([own, extra])})
+    ds = load_dataset(folder)
+    qrels_val = load_qrels(tmp_path / "qrels_val.tsv", ds, split="val")
+    codes = torch.tensor([[i % 3, i // 3] for i in range(7)])
+    val = validation_set(ds, qrels_val, codes, (3, 3))
+    assert val.prefix_index.n_items == 2 and torch.equal(val.codes, codes[5:])  # the val items only
+    assert list(val.texts) == ["item 5 caption 0", "item 5 caption 1", "item 6 caption 0", "item 6 caption 1"]
+    assert val.items.tolist() == [[0, -1], [0, -1], [1, -1], [0, 1]]  # rows of the val gallery, -1 pads
+    assert validation_set(ds, qrels_val.iloc[:0], codes, (3, 3)) is None

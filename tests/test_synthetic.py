@@ -90,6 +90,21 @@ def test_ids_and_splits_put_test_items_first():
 
 
 @pytest.mark.parametrize("task", S.TASKS)
+def test_val_items_come_last_unique_and_leave_test_and_train_bytes_unchanged(task):
+    kwargs = dict(task=task, n_train=9, n_test=5, seed=7)
+    without = _collect(**kwargs, chunk_size=4)
+    both = _collect(**kwargs, n_val=6, chunk_size=4)
+    assert both["splits"] == ["test"] * 5 + ["train"] * 9 + ["val"] * 6
+    assert both["item_ids"] == [f"{task}-{i:07d}" for i in range(20)]
+    first = {k: (v[:14] if k != "lengths" else v) for k, v in both.items()}
+    assert _digest(first) == _digest(without)  # the val items are appended: nothing before them moved
+    keys = [S.attribute_key(task, a) for a in both["attributes"]]
+    assert len(set(keys)) == len(keys)  # unique over all three splits
+    statements = [s for c in S.generate(**kwargs, n_val=6) for s in c.statements]
+    assert [len(s) for s in statements] == [len(c) for c in both["captions"]]
+
+
+@pytest.mark.parametrize("task", S.TASKS)
 def test_same_seed_same_bytes_whatever_the_chunk_size(task):
     kwargs = dict(task=task, n_train=17, n_test=6, seed=11, n_captions=5, n_pseudo=2)
     whole = _collect(**kwargs, chunk_size=1000)

@@ -172,3 +172,24 @@ def test_cached_encoder_states_match_encoding_the_batch() -> None:
     assert torch.equal(got.mask, ref.mask)
     want = ref.layers * ref.mask[None, :, :, None]
     torch.testing.assert_close(got.layers, want, atol=2e-3, rtol=2e-3)  # stored in float16
+
+
+def test_validation_hit_is_any_relevant_item() -> None:
+    """ValidationSet.items may list several relevant rows per query (-1 pads): recall@1 counts a
+    query when its top item is any of them (hand count against the decoder's own top-1)."""
+    from cartlib.train import _recall_at_1
+
+    model = tiny_model().eval()
+    index = PrefixIndex.build(CODES, SIZES)
+    tok = tokenizer()(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        top = constrained_beam_search(model, model.encode(tok["input_ids"], tok["attention_mask"]), index,
+                                      beam=3, top_k=1).items[:, 0]
+    other = (top + 1) % 20
+    pad = torch.full_like(top, -1)
+    recall = lambda items: _recall_at_1(model, tok["input_ids"], tok["attention_mask"], items, index, beam=3,
+                                        batch_size=7)
+    assert recall(torch.stack([other, top], 1)) == 1.0
+    assert recall(torch.stack([other, pad], 1)) == 0.0
+    half = torch.stack([other, torch.where(torch.arange(20) < 10, top, pad)], 1)
+    assert recall(half) == 0.5

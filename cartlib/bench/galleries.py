@@ -102,17 +102,20 @@ def fit_identifier_model(features: np.ndarray, cfg, *, seed: int, device: str = 
     model = build_identifier_model("cart", n_clusters=cfg.n_clusters, n_levels=cfg.n_levels,
                                    codebook_size=cfg.codebook_size, latent_dim=cfg.latent_dim,
                                    hidden_dim=cfg.hidden_dim, epochs=cfg.epochs, lr=cfg.lr, beta=cfg.beta,
-                                   batch_size=cfg.batch_size, seed=seed, device=device,
-                                   n_threads=n_threads, progress=progress)
+                                   batch_size=cfg.batch_size, last_level=cfg.last_level, seed=seed,
+                                   device=device, n_threads=n_threads, progress=progress)
     return model.fit(features)
 
 
 def identify(model, features: np.ndarray, *, chunk: int = 262_144) -> tuple[np.ndarray, tuple[int, ...]]:
     """CART identifiers ``(k, v_1..v_M, u)`` of a new gallery under a fitted identifier model.
 
-    The K-Means centroids and the RQ-VAE are the fitted ones; the collision-aware last RQ level
-    (``model.last_level``) and the unique token ``u`` are assigned *within this gallery*, as
-    ``fit`` would on it. Returns ``codes (N, L)`` int64 (rows unique) and the level sizes.
+    The K-Means centroids and the RQ-VAE are the fitted ones; the last RQ level follows
+    ``model.last_level`` (``identifiers.last_level``: the nearest code, or the balanced matching)
+    and the unique token ``u`` counts the items sharing ``(k, v_1..v_M)`` *within this gallery*
+    (0, 1, 2, … in row order), as ``fit`` would on it; the u level's size is then the largest
+    number of candidates sharing a prefix, which grows with N. Returns ``codes (N, L)`` int64
+    (rows unique) and the level sizes.
     """
     from cartlib.ids import unique_token
     from cartlib.ids.kmeans import nearest_center
@@ -132,7 +135,7 @@ def identify(model, features: np.ndarray, *, chunk: int = 262_144) -> tuple[np.n
         if cost is None:
             cost = np.empty((n, enc.last_cost.shape[1]), np.float32)
         cost[lo:lo + chunk] = enc.last_cost
-    if model.last_level is LastLevel.BALANCED:
+    if LastLevel(model.last_level) is LastLevel.BALANCED:
         v[:, -1] = balanced_last_codes(group_ids(np.column_stack([k, v[:, :-1]])), cost)
     prefix = np.column_stack([k, v])
     codes = np.column_stack([prefix, unique_token(prefix)]).astype(np.int64)

@@ -12,9 +12,12 @@
 
 Every loader yields the same `RawItem`s; `build_real_dataset` resolves media paths, applies
 `on_missing` to missing or unreadable files, and streams the kept items through
-`schema.DatasetWriter` (no media.npy: `media_path` is relative to `root`). Schema splits are
-train/test only, so each dataset's validation split is left out (counted in `n_excluded`).
-Reference captions are the dataset's own captions (test ones are the queries, written to qrels).
+`schema.DatasetWriter` (no media.npy: `media_path` is relative to `root`). Each dataset's official
+validation split becomes the schema's `val` split (Karpathy `val`, Clotho `validation`, AudioCaps
+`val.csv`, MSVD 1201–1300 or `val_list.txt`, MSR-VTT's `validate` videos outside the 1K-A test
+set): corpus items whose captions are the validation queries (qrels_val.tsv), never trained on.
+Reference captions are the dataset's own captions (test ones are the queries, written to qrels;
+a query's only relevant item is its own).
 Pseudo-captions need a captioner's output: put it in `<root>/pseudo_captions.jsonl`, one line
 `{"media": "<media path relative to root>", "captions": ["...", ...]}` per media file, and pass
 `n_pseudo > 0`; without that file there are none, and the train stage stops before training
@@ -70,10 +73,13 @@ class TaskFolder(Protocol):
     @property
     def qrels(self) -> Path: ...
 
+    @property
+    def qrels_val(self) -> Path: ...
+
 
 class RawItem(NamedTuple):
     source_id: str  # the dataset's own id (file stem, video id, ...)
-    split: str  # train | test | excluded (a split the schema has no place for, e.g. val)
+    split: str  # train | test | val | excluded (a split the schema has no place for)
     candidates: tuple[str, ...]  # media paths relative to root, the first that exists wins
     captions: list[str]  # reference captions, in file order
     source_file: Path  # the annotation file that names this item (for error messages)
@@ -82,16 +88,17 @@ class RawItem(NamedTuple):
 
 
 class RealDatasetSummary(NamedTuple):
-    n_items: int  # items written (train + test)
+    n_items: int  # items written (train + test + val)
     n_missing: int  # items whose media file does not exist
     missing: list[str]  # their expected paths, relative to root
     n_unreadable: int  # items whose media file exists but cannot be decoded
     unreadable: list[str]  # their paths, relative to root
     n_train: int = 0
     n_test: int = 0
+    n_val: int = 0
     n_captions: int = 0  # reference captions written (test ones are the queries)
     n_pseudo: int = 0  # pseudo-captions written (from pseudo_captions.jsonl)
-    n_excluded: int = 0  # items left out for another reason: validation split, no caption, max_items
+    n_excluded: int = 0  # items left out for another reason: an unknown split, no caption, max_items
 
 
 class ImportedFeatures(NamedTuple):
@@ -108,9 +115,9 @@ def build_real_dataset(*, dataset: str, root: str | Path, task_folder: TaskFolde
                        on_missing: str | OnMissing = OnMissing.FAIL, max_items: int | None = None,
                        n_captions: int | None = None, n_pseudo: int = 0, verify_media: bool = True,
                        task: str | None = None, progress: bool = False) -> RealDatasetSummary:
-    """Read `dataset` from `root`, write `task_folder.dataset` and `task_folder.qrels`.
+    """Read `dataset` from `root`, write `task_folder.dataset`, `task_folder.qrels` and `.qrels_val`.
 
-    `max_items` caps the written items, split between test and train in proportion to their sizes
+    `max_items` caps the written items, split between test, val and train in proportion to their sizes
     (first items in file order, so the subset is deterministic). `n_captions` caps the reference
     captions per item (None: all). `verify_media` opens every kept file's header (a truncated
     file that decodes partly is caught later, by the feature extractor, with its path).
@@ -197,14 +204,17 @@ def _resolve(items: list[RawItem], *, root: Path, mode: OnMissing) -> tuple[list
 
 
 def _subset(items: list[RawItem], *, max_items: int | None) -> tuple[list[RawItem], int]:
-    """First items of each split, in proportion to the split sizes (each split keeps ≥ 1)."""
+    """First items of each split, in proportion to the split sizes (test and train keep ≥ 1; val
+    keeps its share, possibly none)."""
     if max_items is None or len(items) <= max_items:
         return items, 0
     n_test = sum(r.split == "test" for r in items)
-    n_train = len(items) - n_test
+    n_val = sum(r.split == "val" for r in items)
+    n_train = len(items) - n_test - n_val
     keep_test = min(n_test, max(1, round(max_items * n_test / len(items)))) if n_test else 0
     keep_test = min(keep_test, max_items - 1) if n_train else keep_test  # and ≥ 1 train item
-    quota = {"test": keep_test, "train": max_items - keep_test}
+    keep_val = min(n_val, round(max_items * n_val / len(items)), max_items - keep_test - (1 if n_train else 0))
+    quota = {"test": keep_test, "val": keep_val, "train": max_items - keep_test - keep_val}
     kept = []
     for item in items:
         if quota[item.split] > 0:
@@ -234,7 +244,7 @@ def _verify(items: list[RawItem], *, root: Path, task: str, mode: OnMissing, ena
 
 
 def _check_nonempty(items: list[RawItem], *, root: Path, name: str, n_missing: int, n_unreadable: int) -> None:
-    for split in schema.SPLITS:
+    for split in ("train", "test"):  # a validation split is optional
         if not any(r.split == split for r in items):
             raise DataFormatError(f"{root}: dataset {name!r} has no {split} item left "
                                   f"({n_missing} missing and {n_unreadable} unreadable media file(s) skipped)")
@@ -244,7 +254,7 @@ def _check_nonempty(items: list[RawItem], *, root: Path, name: str, n_missing: i
 
 def _write(items: list[RawItem], *, name: str, task: str, pseudo: dict[str, list[str]], n_captions: int | None,
            n_pseudo: int, task_folder: TaskFolder) -> dict:
-    items = [r for r in items if r.split == "test"] + [r for r in items if r.split == "train"]  # schema: test first
+    items = [r for s in ("test", "train", "val") for r in items if r.split == s]  # schema: test first, val last
     ids = _unique_ids(items, name=name)
     media_paths = [r.candidates[0] if r.candidates else "" for r in items]
     captions = [[c for c in r.captions if c.strip()][:n_captions] for r in items]
@@ -256,8 +266,8 @@ def _write(items: list[RawItem], *, name: str, task: str, pseudo: dict[str, list
         writer.add(item_ids=ids[lo:hi], splits=[r.split for r in items[lo:hi]],
                    attributes=[{"source_id": r.source_id, "source_split": r.source_split} for r in items[lo:hi]],
                    captions=captions[lo:hi], pseudo_captions=pseudos[lo:hi], media_paths=media_paths[lo:hi])
-    writer.close(qrels_path=task_folder.qrels)
-    return {"n_train": writer.counts["train"], "n_test": writer.counts["test"],
+    writer.close(qrels_path=task_folder.qrels, qrels_val_path=task_folder.qrels_val)
+    return {"n_train": writer.counts["train"], "n_test": writer.counts["test"], "n_val": writer.counts["val"],
             "n_captions": sum(map(len, captions)), "n_pseudo": sum(map(len, pseudos))}
 
 
@@ -338,7 +348,7 @@ def _karpathy(root: Path, *, name: str, file: str, extra_dirs: tuple[str, ...]) 
     images = _field(data, "images", path, "the top level")
     if not isinstance(images, list):
         raise DataFormatError(f"{path}: 'images' must be a list")
-    split_of = {"train": "train", "restval": "train", "test": "test", "val": "excluded"}
+    split_of = {"train": "train", "restval": "train", "test": "test", "val": "val"}
     out = []
     for k, img in enumerate(images):
         where = f"images[{k}]"
@@ -371,12 +381,12 @@ def load_audiocaps(root: Path) -> list[RawItem]:
 
     One item per (youtube_id, start_time); train has one caption per clip, val/test five.
     """
-    split_of = {"train": "train", "val": "excluded", "test": "test"}
+    split_of = {"train": "train", "val": "val", "test": "test"}
     out = []
     for split, target in split_of.items():
         path = root / f"{split}.csv"
         if split == "val" and not path.is_file():
-            continue  # the validation split is left out anyway
+            continue  # no validation queries then
         rows = _read_csv(path, f"AudioCaps {split} split file", ("audiocap_id", "youtube_id", "start_time", "caption"))
         clips: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
         for row in rows:
@@ -399,7 +409,7 @@ def _plain_number(text: str) -> str:
 
 def load_clotho(root: Path) -> list[RawItem]:
     """`clotho_captions_<split>.csv` (file_name, caption_1..caption_5); audio in `<split>/`."""
-    split_of = {"development": "train", "validation": "excluded", "evaluation": "test"}
+    split_of = {"development": "train", "validation": "val", "evaluation": "test"}
     columns = ("file_name",) + tuple(f"caption_{i}" for i in range(1, 6))
     out = []
     for split, target in split_of.items():
@@ -416,7 +426,8 @@ def load_clotho(root: Path) -> list[RawItem]:
 
 def load_msrvtt(root: Path) -> list[RawItem]:
     """The 1K-A protocol: test = the 1,000 videos of `MSRVTT_JSFUSION_test.csv`, one query each (its
-    `sentence`); train = every other video of `MSRVTT_data.json` (9,000) with all its captions."""
+    `sentence`); val = the videos whose own split is `validate` (497), train = every other video of
+    `MSRVTT_data.json` (8,503 of the protocol's 9,000), each with all its captions."""
     data_path, test_path = root / "MSRVTT_data.json", root / "MSRVTT_JSFUSION_test.csv"
     data = _read_json(data_path, "MSR-VTT caption file")
     test_rows = _read_csv(test_path, "MSR-VTT 1K-A test split file", ("key", "vid_key", "video_id", "sentence"))
@@ -433,7 +444,9 @@ def load_msrvtt(root: Path) -> list[RawItem]:
     for k, v in enumerate(videos):
         vid = str(_field(v, "video_id", data_path, f"videos[{k}]"))
         if vid not in test_caps:
-            out.append(RawItem(vid, "train", _video_paths(vid), caps.get(vid, []), data_path, str(v.get("split", ""))))
+            own = str(v.get("split", ""))
+            out.append(RawItem(vid, "val" if own == "validate" else "train", _video_paths(vid), caps.get(vid, []),
+                               data_path, own))
     return out
 
 
@@ -442,7 +455,7 @@ def _video_paths(vid: str) -> tuple[str, ...]:
     return (f"videos/{vid}.mp4", f"videos/all/{vid}.mp4", f"MSRVTT/videos/all/{vid}.mp4")
 
 
-MSVD_STANDARD = {"train": (1, 1200), "excluded": (1201, 1300), "test": (1301, 1970)}  # vidN ranges
+MSVD_STANDARD = {"train": (1, 1200), "val": (1201, 1300), "test": (1301, 1970)}  # vidN ranges
 
 
 def load_msvd(root: Path) -> list[RawItem]:
@@ -471,7 +484,7 @@ def _msvd_splits(root: Path) -> tuple[dict[str, str], Path]:
     mapping = root / "youtube_mapping.txt"
     if lists["train"].is_file() or lists["test"].is_file():
         out = {}
-        for split, target in (("test", "test"), ("train", "train"), ("val", "excluded")):
+        for split, target in (("test", "test"), ("train", "train"), ("val", "val")):
             path = lists[split]
             if split == "val" and not path.is_file():
                 continue
@@ -517,7 +530,8 @@ def load_features_dataset(root: Path) -> list[RawItem]:
         raise DataFormatError(f"{caps_file}: caption(s) name unknown item_id, e.g. {sorted(unknown)[0]!r}")
     by_kind = {k: caps[kind == k].groupby("item_id", sort=False)["text"].apply(list).to_dict() for k in schema.KINDS}
     paths = items["media_path"] if "media_path" in items else pd.Series("", index=items.index)
-    return [RawItem(i, s if s in schema.SPLITS else "excluded", (m,) if m else (), by_kind["reference"].get(i, []),
+    split_of = {"train": "train", "test": "test", "val": "val", "validation": "val"}
+    return [RawItem(i, split_of[s], (m,) if m else (), by_kind["reference"].get(i, []),
                     items_file, s, tuple(by_kind["pseudo"].get(i, [])))
             for i, s, m in zip(ids, items["split"], paths)]
 

@@ -2,18 +2,24 @@
 
 ```
 data/<task>/dataset/
-    manifest.json   {"schema_version": 1, "task", "dataset", "n_items", "n_train", "n_test",
+    manifest.json   {"schema_version": 2, "task", "dataset", "n_items", "n_train", "n_test", "n_val",
                      "media": {"file": "media.npy", "shape": [N, ...], "dtype": "uint8"} | null,
                      "sha256": {file name: hex digest}}
-    items.tsv       item_id  split(train|test)  media_index  media_path  attributes(JSON)
+    items.tsv       item_id  split(train|test|val)  media_index  media_path  attributes(JSON)
     captions.tsv    caption_id  item_id  kind(reference|pseudo)  text
     media.npy       rendered media, row i = items.tsv row with media_index i (synthetic only;
                     real datasets give `media_path` relative to data.root instead)
-data/<task>/qrels.tsv   query_id  item_id   (the test queries: reference captions of test items)
+data/<task>/qrels.tsv       query_id  item_id   (the test queries: reference captions of test items)
+data/<task>/qrels_val.tsv   query_id  item_id   (the validation queries: reference captions of val items)
 ```
 Queries are captions: a test item's reference captions are the test queries (query_id =
-caption_id); train items' reference captions are training queries; pseudo-captions (from the
-imperfect captioner) are the caption-enhancement inputs. The folder is written under a temporary
+caption_id), ranked against the test items alone; a val item's are the validation queries, ranked
+against the val items alone (the only queries any choice may be tuned on); train items' reference
+captions are training queries. Val and test items are both in the corpus (identifiers,
+pseudo-captions), but no stage trains on their reference captions. Pseudo-captions (from the
+captioner) are the caption-enhancement inputs. A qrels file lists every relevant item of a query,
+one row each (the built-in benchmark's are complete; real datasets list the caption's own item).
+Schema 2 added the val split, `n_val` and qrels_val.tsv. The folder is written under a temporary
 name and renamed when complete, so a crash never leaves a dataset that looks whole.
 `load_dataset` validates everything (files, columns, ids, hashes) before returning.
 """
@@ -31,11 +37,12 @@ import pandas as pd
 
 from cartlib import io
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the "val" split, manifest n_val, qrels_val.tsv
 ITEM_COLUMNS = ["item_id", "split", "media_index", "media_path", "attributes"]
 CAPTION_COLUMNS = ["caption_id", "item_id", "kind", "text"]
 QREL_COLUMNS = ["query_id", "item_id"]
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "val")
+QUERY_SPLITS = ("test", "val")  # splits whose reference captions are queries (with qrels)
 KINDS = ("reference", "pseudo")
 
 
@@ -46,7 +53,7 @@ class DataFormatError(ValueError):
 class Dataset(NamedTuple):
     folder: Path
     manifest: dict
-    items: pd.DataFrame  # ITEM_COLUMNS, one row per item, test items first
+    items: pd.DataFrame  # ITEM_COLUMNS, one row per item, test items first (then train, then val)
     captions: pd.DataFrame  # CAPTION_COLUMNS
     media: np.ndarray | None  # memory-mapped (N, ...) or None for file-based real datasets
 
@@ -84,7 +91,7 @@ class DatasetWriter:
         self._caps = csv.writer(self._caps_f, delimiter="\t", lineterminator="\n")
         self._items.writerow(ITEM_COLUMNS)
         self._caps.writerow(CAPTION_COLUMNS)
-        self._qrels: list[tuple[str, str]] = []
+        self._qrels: dict[str, list[tuple[str, str]]] = {s: [] for s in QUERY_SPLITS}  # own item of each query
         self.n_written = 0
         self.counts = {s: 0 for s in SPLITS}
 
@@ -101,14 +108,18 @@ class DatasetWriter:
             for j, text in enumerate(captions[i]):
                 cid = f"{item_id}-c{j}"
                 self._caps.writerow([cid, item_id, "reference", _clean(text)])
-                if split == "test":
-                    self._qrels.append((cid, item_id))
+                if split in self._qrels:
+                    self._qrels[split].append((cid, item_id))
             for j, text in enumerate(pseudo_captions[i]):
                 self._caps.writerow([f"{item_id}-p{j}", item_id, "pseudo", _clean(text)])
             self.counts[split] += 1
         self.n_written += n
 
-    def close(self, *, qrels_path: str | os.PathLike) -> Path:
+    def close(self, *, qrels_path: str | os.PathLike, qrels_val_path: str | os.PathLike | None = None,
+              qrels: dict[str, pd.DataFrame] | None = None) -> Path:
+        """Finish the folder and write the qrels of the test (and val) queries. By default a query's
+        only relevant item is its own; ``qrels[split]`` replaces that with a complete list, which must
+        name the same queries, items of that split only, and each query's own item."""
         if self.n_written != self.n_items:
             raise DataFormatError(f"{self.folder}: wrote {self.n_written} items, expected {self.n_items}")
         self._items_f.close()
@@ -118,19 +129,39 @@ class DatasetWriter:
             self.media.flush()
             media_meta = {"file": "media.npy", "shape": list(self.media.shape), "dtype": str(self.media.dtype)}
             del self.media
-        qrels = pd.DataFrame(self._qrels, columns=QREL_COLUMNS)
+        if qrels_val_path is None and self.counts["val"]:
+            raise DataFormatError(f"{self.folder}: {self.counts['val']} val items but no qrels_val_path to write "
+                                  f"their queries' qrels to")
+        frames = {s: self._final_qrels(s, (qrels or {}).get(s)) for s in QUERY_SPLITS}
         files = ["items.tsv", "captions.tsv"] + (["media.npy"] if media_meta else [])
         manifest = {
             "schema_version": SCHEMA_VERSION, "task": self.task, "dataset": self.dataset,
             "n_items": self.n_items, "n_train": self.counts["train"], "n_test": self.counts["test"],
-            "media": media_meta, "sha256": {f: io.sha256_file(self.tmp / f) for f in files},
+            "n_val": self.counts["val"], "media": media_meta, "sha256": {f: io.sha256_file(self.tmp / f) for f in files},
         }
         io.write_json(self.tmp / "manifest.json", manifest)
         if self.folder.exists():
             shutil.rmtree(self.folder)
         os.replace(self.tmp, self.folder)
-        io.write_dataframe_tsv(qrels_path, qrels)
+        io.write_dataframe_tsv(qrels_path, frames["test"])
+        if qrels_val_path is not None:
+            io.write_dataframe_tsv(qrels_val_path, frames["val"])
         return self.folder
+
+    def _final_qrels(self, split: str, complete: pd.DataFrame | None) -> pd.DataFrame:
+        own = pd.DataFrame(self._qrels[split], columns=QREL_COLUMNS)
+        if complete is None:
+            return own
+        complete = complete[QREL_COLUMNS].drop_duplicates().reset_index(drop=True)
+        if set(complete["query_id"]) != set(own["query_id"]):
+            raise DataFormatError(f"{self.folder}: complete {split} qrels name other queries than the {split} "
+                                  f"items' reference captions")
+        pairs = set(zip(complete["query_id"], complete["item_id"]))
+        lost = [q for q in own.itertuples(index=False) if (q.query_id, q.item_id) not in pairs]
+        if lost:
+            raise DataFormatError(f"{self.folder}: complete {split} qrels leave out query {lost[0].query_id!r}'s "
+                                  f"own item {lost[0].item_id!r}")
+        return complete
 
 
 def _clean(text: str) -> str:
@@ -165,6 +196,11 @@ def load_dataset(folder: str | os.PathLike, *, verify_hashes: bool = True) -> Da
     if len(items) != n:
         raise DataFormatError(f"{folder / 'items.tsv'}: {len(items)} rows, manifest says n_items={n}")
     _check_values(folder / "items.tsv", items, "split", SPLITS)
+    counts = items["split"].value_counts()
+    for split in SPLITS:
+        if manifest.get(f"n_{split}", 0) != int(counts.get(split, 0)):
+            raise DataFormatError(f"{folder / 'manifest.json'}: n_{split}={manifest.get(f'n_{split}')}, but "
+                                  f"items.tsv has {int(counts.get(split, 0))} {split} items")
     _check_values(folder / "captions.tsv", captions, "kind", KINDS)
     _check_unique(folder / "items.tsv", items, "item_id")
     _check_unique(folder / "captions.tsv", captions, "caption_id")
@@ -191,19 +227,26 @@ def load_dataset(folder: str | os.PathLike, *, verify_hashes: bool = True) -> Da
     return Dataset(folder, manifest, items, captions, media)
 
 
-def load_qrels(path: str | os.PathLike, dataset: Dataset | None = None) -> pd.DataFrame:
-    """Read `qrels.tsv`; with `dataset`, check every query and item exists and is a test one."""
+def load_qrels(path: str | os.PathLike, dataset: Dataset | None = None, *, split: str = "test") -> pd.DataFrame:
+    """Read `qrels.tsv` (``split="val"``: `qrels_val.tsv`), one row per relevant (query, item); with
+    `dataset`, check every item is a `split` item and every query a reference caption of one."""
+    if split not in QUERY_SPLITS:
+        raise ValueError(f"split must be one of {QUERY_SPLITS}, got {split!r}")
     path = Path(path)
     qrels = _read_tsv(path, QREL_COLUMNS, {})
     if dataset is not None:
-        test_items = set(dataset.split_items("test")["item_id"])
-        bad = ~qrels["item_id"].isin(test_items)
+        split_items = set(dataset.split_items(split)["item_id"])
+        bad = ~qrels["item_id"].isin(split_items)
         if bad.any():
-            raise DataFormatError(f"{path}: item_id {qrels.loc[bad, 'item_id'].iloc[0]!r} is not a test item")
-        known = set(dataset.captions["caption_id"])
+            raise DataFormatError(f"{path}: item_id {qrels.loc[bad, 'item_id'].iloc[0]!r} is not a {split} item")
+        known = set(dataset.queries(split)["caption_id"])
         bad = ~qrels["query_id"].isin(known)
         if bad.any():
-            raise DataFormatError(f"{path}: query_id {qrels.loc[bad, 'query_id'].iloc[0]!r} is not a caption_id")
+            raise DataFormatError(f"{path}: query_id {qrels.loc[bad, 'query_id'].iloc[0]!r} is not a reference "
+                                  f"caption of a {split} item")
+        dup = qrels.duplicated()
+        if dup.any():
+            raise DataFormatError(f"{path}: duplicate row {tuple(qrels[dup].iloc[0])}")
     return qrels
 
 

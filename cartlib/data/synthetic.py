@@ -35,10 +35,20 @@ some templates say it backwards ("a buzz, preceded by a beep"). `TEMPLATES[task]
 "a clip where ...", ...). Every choice is recorded as a rule id (`template:…`, `syn:…`, `form:…`);
 `caption_item` returns them with each caption and `grammar_rules(task)` lists all of them.
 
+Complete qrels: while a caption is written, what it states is recorded as a `Statement` (per part
+the (field, value) pairs said; the scene if said; "X above Y" as a relation between two parts,
+read literally on the grid; whether it states the audio time order: every template but "count").
+`consistent` decides whether an item satisfies a statement (same number of parts, some
+assignment of the caption's parts to the item's under which everything said holds), and
+`relevant_items` finds every such item of a gallery, pre-grouped by the always-said identity fields.
+
 Pseudo-captions come from a deliberately imperfect "captioner" with one plain style (the first
 synonym of every table: "a small red circle in the top left on a dark background"). Each attribute
 mention is, with probability `captioner_error_rate`, dropped (share `PSEUDO_DROP_SHARE`) or
 confused with another value of the same attribute; `PseudoCaption` counts both.
+
+Splits: global indices [0, n_test) are test items, then n_train train items, then n_val val items
+(appended last, so adding them changes no test or train item's bytes).
 
 Determinism: item i draws everything from `np.random.default_rng([seed, task index, i])`, given the
 previous item and the set of keys seen before it (both independent of chunking), in the order
@@ -49,9 +59,10 @@ depend on `chunk_size`.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -240,19 +251,30 @@ COUNT_WORDS = ("zero", "one", "two", "three", "four", "five")
 
 
 # ---- public types -------------------------------------------------------------------------
+class Statement(NamedTuple):
+    """What one reference caption says about its item, recorded while it is written (exact, no
+    text matching): the ground truth of complete qrels (`consistent`, `relevant_items`)."""
+    parts: tuple[tuple[tuple[str, str], ...], ...]  # per part, in the caption's order: (field, value) pairs said
+    scene: str | None  # background / ambience, None when left out
+    relations: tuple[tuple[int, str, int], ...]  # (a, relation, b): part a is <relation> part b ("X above Y")
+    ordered: bool  # the parts are said in the item's part order (audio time order)
+
+
 class Chunk(NamedTuple):
-    """One streamed block of consecutive items (test items first, then train items)."""
+    """One streamed block of consecutive items (test items, then train items, then val items)."""
     item_ids: list[str]  # "<task>-<7-digit global index>"
-    splits: list[str]  # "test" or "train"
+    splits: list[str]  # "test", "train" or "val"
     media: np.ndarray  # (n, *media_shape(task)), media_dtype(task)
     attributes: list[dict]  # JSON-serialisable ground truth, canonical part order
     captions: list[list[str]]  # n_captions reference captions per item (the queries)
     pseudo_captions: list[list[str]]  # n_pseudo captions per item from the imperfect captioner
+    statements: list[list[Statement]]  # what each reference caption says (same shape as `captions`)
 
 
 class Caption(NamedTuple):
     text: str
     rules: tuple[str, ...]  # the grammar rules it used: template:…, syn:table:value:i, form:…
+    statement: Statement  # the attribute constraints it states
 
 
 class PseudoCaption(NamedTuple):
@@ -271,6 +293,7 @@ class Template(NamedTuple):
     min_parts: int
     max_parts: int
     render: Callable[["_Writer", list[dict], str | None], str]  # (writer, parts, scene or None) → text
+    states_order: bool = True  # False: lists the parts without saying their (time) order ("count")
 
 
 TEMPLATES: dict[str, dict[str, Template]] = {task: {} for task in TASKS}
@@ -419,6 +442,18 @@ class _Writer:
         self._drop_rate, self._synonym_rate = CAPTION_DROP_RATE[task], SYNONYM_RATE[task]
         self._u: list[float] = []
         self.rules: list[str] = []
+        self.said: dict[int, dict[str, str]] = {}  # id(part) → the fields a caption has said of it
+        self.relations: list[tuple[int, str, int]] = []  # (id(a), relation, id(b))
+
+    def start(self) -> None:
+        """Forget what the previous caption recorded."""
+        self.rules, self.said, self.relations = [], {}, []
+
+    def state(self, part: dict, *fields: str) -> None:
+        """Record that the caption says `fields` of `part` (no rng draw: the text never changes)."""
+        said = self.said.setdefault(id(part), {})
+        for field in fields:
+            said[field] = part[field]
 
     def u(self) -> float:
         if not self._u:
@@ -454,9 +489,9 @@ _SYN_RULES = {table: {value: tuple(f"syn:{table}:{value}:{i}" for i in range(len
                       for value, options in values.items()} for table, values in SYNONYMS.items()}
 
 
-def _template(task: str, name: str, *, min_parts: int = 1, max_parts: int = 99):
+def _template(task: str, name: str, *, min_parts: int = 1, max_parts: int = 99, states_order: bool = True):
     def register(fn):
-        TEMPLATES[task][name] = Template(name, min_parts, max_parts, fn)
+        TEMPLATES[task][name] = Template(name, min_parts, max_parts, fn, states_order)
         return fn
     return register
 
@@ -476,8 +511,12 @@ def _count(w: _Writer, n: int, thing: str) -> str:
 
 def _object_np(w: _Writer, part: dict) -> str:
     """[size] colour shape, or [size] shape in colour (image and video objects)."""
-    size = w.syn("size", part["size"]) if w.keep("size") else ""
+    size = ""
+    if w.keep("size"):
+        size = w.syn("size", part["size"])
+        w.state(part, "size")
     colour, shape = w.syn("colour", part["colour"]), w.syn("shape", part["shape"])
+    w.state(part, "colour", "shape")
     if w.chance(0.5):
         w.form("np-adj")
         words = (size, colour, shape)
@@ -488,6 +527,7 @@ def _object_np(w: _Writer, part: dict) -> str:
 
 
 def _loc(w: _Writer, part: dict) -> str:
+    w.state(part, "position")
     return f"{w.syn('location', 'in')} {w.syn('position', part['position'])}"
 
 
@@ -536,7 +576,9 @@ def _image_passive(w, parts, scene):
 @_template("image", "relative", min_parts=2)
 def _image_relative(w, parts, scene):
     a, b, *rest = parts
-    text = f"{_object_np(w, a)} {_loc(w, a)}, {w.syn('relation', _relation(a, b))} {_object_np(w, b)}"
+    relation = _relation(a, b)
+    w.relations.append((id(a), relation, id(b)))  # b's own position is not said
+    text = f"{_object_np(w, a)} {_loc(w, a)}, {w.syn('relation', relation)} {_object_np(w, b)}"
     return text + "".join(f", and {x}" for x in _placed(w, rest)) + _backdrop(w, scene)
 
 
@@ -553,9 +595,15 @@ def _image_background_first(w, parts, scene):
 
 def _event_np(w: _Writer, part: dict) -> str:
     """[loudness] [rhythm] pitch kind, or [loudness] [rhythm] kind pitch-phrase."""
-    loud = w.syn("loudness", part["loudness"]) if w.keep("loudness") else ""
-    rhythm = w.syn("rhythm", part["rhythm"]) if w.keep("rhythm") else ""
+    loud = rhythm = ""
+    if w.keep("loudness"):
+        loud = w.syn("loudness", part["loudness"])
+        w.state(part, "loudness")
+    if w.keep("rhythm"):
+        rhythm = w.syn("rhythm", part["rhythm"])
+        w.state(part, "rhythm")
     kind = w.syn("kind", part["kind"])
+    w.state(part, "kind", "pitch")
     if w.chance(0.5):
         w.form("np-adj")
         words = (loud, rhythm, w.syn("pitch", part["pitch"]), kind)
@@ -615,7 +663,7 @@ def _audio_single(w, parts, scene):
     return f"{w.syn('only', 'only')} {_event_np(w, parts[0])}" + _ambience(w, scene)
 
 
-@_template("audio", "count")
+@_template("audio", "count", states_order=False)
 def _audio_count(w, parts, scene):
     return f"{_count(w, len(parts), 'sound')}{_ambience(w, scene)}: " + _join([_event_np(w, p) for p in parts])
 
@@ -629,7 +677,11 @@ def _audio_ambience_first(w, parts, scene):
 def _verb(w: _Writer, part: dict, table: str = "motion") -> str:
     """motion verb phrase [+ speed adverb]."""
     verb = w.syn(table, part["motion"])
-    return f"{verb} {w.syn('speed', part['speed'])}" if w.keep("speed") else verb
+    w.state(part, "motion")
+    if not w.keep("speed"):
+        return verb
+    w.state(part, "speed")
+    return f"{verb} {w.syn('speed', part['speed'])}"
 
 
 def _clauses(w: _Writer, parts: list[dict], table: str = "motion") -> list[str]:
@@ -686,7 +738,7 @@ def caption_item(*, task: str, attributes: dict, rng: np.random.Generator, n: in
     for _ in range(4 * n):
         if len(out) == n:
             break
-        w.rules = []
+        w.start()
         template = templates[w.index(len(templates))]
         order = list(parts)
         if not ORDERED[task] and len(order) > 1 and w.chance(SHUFFLE_RATE):
@@ -699,10 +751,65 @@ def caption_item(*, task: str, attributes: dict, rng: np.random.Generator, n: in
         text = template.render(w, order, scene)
         if text not in texts:
             texts.add(text)
-            out.append(Caption(text[0].upper() + text[1:], (f"template:{task}:{template.name}", *w.rules)))
+            out.append(Caption(text[0].upper() + text[1:], (f"template:{task}:{template.name}", *w.rules),
+                               _statement(w, order, scene, ordered=ORDERED[task] and template.states_order)))
     while len(out) < n:  # a tiny grammar could run out of distinct captions: repeat rather than fail
         out.append(out[len(out) % max(1, len(texts))])
     return out
+
+
+def _statement(w: _Writer, order: list[dict], scene: str | None, *, ordered: bool) -> Statement:
+    """What `w` recorded for one caption of the parts `order` (the caption's part order)."""
+    at = {id(p): j for j, p in enumerate(order)}
+    return Statement(parts=tuple(tuple(sorted(w.said.get(id(p), {}).items())) for p in order), scene=scene,
+                     relations=tuple((at[a], rel, at[b]) for a, rel, b in w.relations), ordered=ordered)
+
+
+# ---- complete qrels: which items a caption is true of ------------------------------------
+# Fields every reference caption says of every part: the key that pre-groups candidate items.
+IDENTITY_FIELDS = {"image": ("shape", "colour"), "audio": ("kind", "pitch"), "video": ("shape", "colour")}
+
+
+def _holds(relation: str, a: dict, b: dict) -> bool:
+    """"a <relation> b" read literally on the 3×3 grid ("above": a higher row, whatever the columns)."""
+    (ra, ca), (rb, cb) = divmod(POSITIONS.index(a["position"]), 3), divmod(POSITIONS.index(b["position"]), 3)
+    return {"above": ra < rb, "below": ra > rb, "left-of": ca < cb, "right-of": ca > cb}[relation]
+
+
+def consistent(*, task: str, statement: Statement, attributes: dict) -> bool:
+    """True iff the item with `attributes` satisfies everything `statement` says: the same number of
+    parts, and some assignment of the caption's parts to the item's (the item's order when the
+    caption states it) under which every said field value and every relation holds."""
+    parts = attributes[PART_KEY[task]]
+    n = len(parts)
+    if n != len(statement.parts):
+        return False
+    if statement.scene is not None and attributes[SCENE_FIELD[task][0]] != statement.scene:
+        return False
+    assignments = [tuple(range(n))] if statement.ordered else itertools.permutations(range(n))
+    for to in assignments:  # caption part j ↔ item part to[j]
+        if all(parts[to[j]][f] == v for j, said in enumerate(statement.parts) for f, v in said) and \
+                all(_holds(rel, parts[to[a]], parts[to[b]]) for a, rel, b in statement.relations):
+            return True
+    return False
+
+
+def _identity(task: str, parts: Sequence) -> tuple:
+    """Sorted identity values of the parts (dicts, or a statement's (field, value) pairs)."""
+    fields = IDENTITY_FIELDS[task]
+    return tuple(sorted(tuple(dict(p)[f] for f in fields) for p in parts))
+
+
+def relevant_items(*, task: str, statements: Sequence[Statement], attributes: Sequence[dict]) -> list[list[int]]:
+    """For each statement, the positions in `attributes` of every item it is consistent with
+    (ascending). Items are pre-grouped by their parts' identity fields, which every caption says, so
+    only a handful of candidates per query are checked part by part."""
+    _check_task(task)
+    groups: dict[tuple, list[int]] = {}
+    for i, attrs in enumerate(attributes):
+        groups.setdefault(_identity(task, attrs[PART_KEY[task]]), []).append(i)
+    return [[i for i in groups.get(_identity(task, st.parts), ())
+             if consistent(task=task, statement=st, attributes=attributes[i])] for st in statements]
 
 
 # ---- pseudo-captions (the imperfect captioner) -------------------------------------------
@@ -1070,34 +1177,38 @@ _RENDER = {"image": _render_image, "audio": _render_audio, "video": _render_vide
 
 
 # ---- the generator ------------------------------------------------------------------------
-def generate(*, task: str, n_train: int, n_test: int, seed: int, n_captions: int = 5, n_pseudo: int = 2,
-             captioner_error_rate: float = 0.3, chunk_size: int = 1000) -> Iterator[Chunk]:
-    """Stream `n_test` test items, then `n_train` train items, in chunks of at most `chunk_size`.
+def generate(*, task: str, n_train: int, n_test: int, seed: int, n_val: int = 0, n_captions: int = 5,
+             n_pseudo: int = 2, captioner_error_rate: float = 0.3, chunk_size: int = 1000) -> Iterator[Chunk]:
+    """Stream `n_test` test items, then `n_train` train items, then `n_val` validation items, in
+    chunks of at most `chunk_size`.
 
+    Validation items are drawn exactly like the others (global indices after the train items, so
+    adding them leaves every test and train item's bytes unchanged); uniqueness holds over all three.
     Same arguments → identical bytes, whatever `chunk_size`. Arguments are checked here, before the
     first chunk is asked for. Memory: one chunk plus a set of N integer keys.
     """
     _check_task(task)
-    for name, value, minimum in (("n_train", n_train, 0), ("n_test", n_test, 0), ("seed", seed, 0),
+    for name, value, minimum in (("n_train", n_train, 0), ("n_test", n_test, 0), ("n_val", n_val, 0), ("seed", seed, 0),
                                  ("n_captions", n_captions, 1), ("n_pseudo", n_pseudo, 0),
                                  ("chunk_size", chunk_size, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
             raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    total = int(n_train) + int(n_test)
+    total = int(n_train) + int(n_test) + int(n_val)
     if total == 0:
-        raise ValueError(f"n_train + n_test must be ≥ 1, got n_train={n_train!r}, n_test={n_test!r}")
+        raise ValueError(f"n_train + n_test + n_val must be ≥ 1, got n_train={n_train!r}, n_test={n_test!r}, "
+                         f"n_val={n_val!r}")
     limit = int(MAX_FILL * n_combinations(task))
     if total > limit:
-        raise ValueError(f"n_train + n_test = {total} exceeds {limit} items, {MAX_FILL:.0%} of the {task} "
+        raise ValueError(f"n_train + n_test + n_val = {total} exceeds {limit} items, {MAX_FILL:.0%} of the {task} "
                          f"attribute space (raise the vocabularies in cartlib.data.synthetic)")
     rate = captioner_error_rate
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
         raise ValueError(f"captioner_error_rate must be in [0, 1], got {captioner_error_rate!r}")
-    return _stream(task=task, n_test=int(n_test), total=total, seed=int(seed), n_captions=int(n_captions),
+    return _stream(task=task, n_test=int(n_test), n_train=int(n_train), total=total, seed=int(seed), n_captions=int(n_captions),
                    n_pseudo=int(n_pseudo), error_rate=float(captioner_error_rate), chunk_size=int(chunk_size))
 
 
-def _stream(*, task: str, n_test: int, total: int, seed: int, n_captions: int, n_pseudo: int, error_rate: float,
+def _stream(*, task: str, n_test: int, n_train: int, total: int, seed: int, n_captions: int, n_pseudo: int, error_rate: float,
             chunk_size: int) -> Iterator[Chunk]:
     task_index = TASKS.index(task)
     fields = PART_FIELDS[task]
@@ -1114,7 +1225,7 @@ def _stream(*, task: str, n_test: int, total: int, seed: int, n_captions: int, n
         scene = np.zeros(m, dtype=np.int64)
         pu = np.empty((m, max_parts, _PART_NUISANCE))
         su = np.empty((m, _SCENE_NUISANCE))
-        attributes, captions, pseudo = [], [], []
+        attributes, captions, pseudo, statements = [], [], [], []
         for r, i in enumerate(range(start, stop)):
             rng = np.random.default_rng([seed, task_index, i])
             for _ in range(MAX_REDRAWS):  # uniqueness over the whole set: redraw a seen key
@@ -1140,13 +1251,20 @@ def _stream(*, task: str, n_test: int, total: int, seed: int, n_captions: int, n
             attributes.append(attrs)
             pseudo.append([c.text for c in pseudo_caption_item(task=task, attributes=attrs, rng=rng, n=n_pseudo,
                                                                error_rate=error_rate)])
-            captions.append([c.text for c in caption_item(task=task, attributes=attrs, rng=rng, n=n_captions)])
+            written = caption_item(task=task, attributes=attrs, rng=rng, n=n_captions)
+            captions.append([c.text for c in written])
+            statements.append([c.statement for c in written])
         yield Chunk(
             item_ids=[f"{task}-{i:07d}" for i in range(start, stop)],
-            splits=["test" if i < n_test else "train" for i in range(start, stop)],
+            splits=[_split(i, n_test=n_test, n_train=n_train) for i in range(start, stop)],
             media=_RENDER[task](idx, n_parts, scene, pu, su),
-            attributes=attributes, captions=captions, pseudo_captions=pseudo,
+            attributes=attributes, captions=captions, pseudo_captions=pseudo, statements=statements,
         )
+
+
+def _split(i: int, *, n_test: int, n_train: int) -> str:
+    """Split of global index i: test items first, then train, then val (appended: old bytes kept)."""
+    return "test" if i < n_test else "train" if i < n_test + n_train else "val"
 
 
 def _check_task(task: str) -> None:

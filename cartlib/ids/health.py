@@ -35,6 +35,8 @@ def identifier_health(
       unique_token_p99      99th percentile of u (the smallest u that ≥ 99% of items do not exceed)
       code_usage_l<i>       fraction of level i's codes used (levels before the unique token)
       perplexity_l<i>       exp(entropy) of level i's code usage, natural log (1 = collapse)
+      level_size_l<i>       codebook size of every level i, the unique token's included (for a
+                            fitted table, u's size = max_items_per_prefix)
       n_items, identifier_length
       reconstruction_rel_error, fit_seconds   only when given
     """
@@ -69,6 +71,8 @@ def identifier_health(
         usage, ppl = _usage(c[:, level], sizes[level])
         out[f"code_usage_l{level}"] = usage
         out[f"perplexity_l{level}"] = ppl
+    for level, size in enumerate(sizes):
+        out[f"level_size_l{level}"] = size
     out["n_items"] = n
     out["identifier_length"] = length
     if reconstruction_rel_error is not None:

@@ -464,14 +464,15 @@ class RQVAEQuantizer:
 # ----------------------------------------------------------------- collision-aware last level
 
 class LastLevel(StrEnum):
-    """How the last RQ level picks its code (a suite choice; the paper only says that `u` counts
-    the collisions that remain)."""
+    """How the last RQ level picks its code (params.yaml `identifiers.last_level`)."""
 
-    NEAREST = "nearest"  # plain residual quantisation: the nearest codeword
+    # The paper's rule and the default: plain residual quantisation, the nearest codeword at
+    # every level; items sharing `(k, v_1..v_M)` are told apart by the counter `u` alone.
+    NEAREST = "nearest"
     # Items that share every code before the last level are spread over distinct last-level
     # codes at minimum total distance (uniform semantic mapping in the spirit of LC-Rec,
     # Zheng et al., ICDE 2024). Near-duplicates then differ by a nearby code instead of by an
-    # arbitrary counter, and `u` stays small.
+    # arbitrary counter, and `u` stays small. An ablation (params.yaml row `balanced_last_level`).
     BALANCED = "balanced"
 
 

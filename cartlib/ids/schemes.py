@@ -5,6 +5,12 @@ scheme ends its codes with the unique token `u` (items sharing the prefix get u 
 item order), except `atomic`, whose single token is already unique. `level_sizes_` gives the
 codebook size per level (the last = max(u) + 1), `reconstruction_rel_error_` how much of the
 features the prefix keeps (‖X − X̂‖_F / ‖X‖_F), `fit_seconds_` the wall time of `fit`.
+
+`last_level` (CART and RQ-VAE only; keyword-only, params.yaml `identifiers.last_level`):
+"nearest" (the default, as in params.yaml and the paper) takes the nearest codeword at every RQ
+level, so items whose prefix `(k, v_1..v_M)` collides are told apart by `u` alone; "balanced"
+spreads the items of a shared `(k, v_1..v_{M-1})` over distinct last-level codes (an ablation).
+Every caller in the suite passes it from the config.
 """
 from __future__ import annotations
 
@@ -234,7 +240,9 @@ class CartIdentifier(IdentifierModel):
     """CART identifier `(k, v_1..v_M, u)`.
 
     CART, Fang et al., ACL 2025, identifier: K-Means gives the coarse token `k`; an RQ-VAE
-    quantises the residual `x − centroid_k` into `v_1..v_M`; `u` separates colliding items.
+    quantises the residual `x − centroid_k` into `v_1..v_M` (nearest codeword at every level with
+    `last_level="nearest"`, the paper's rule); `u` counts the items that share `(k, v_1..v_M)`
+    (0, 1, 2, … in item row order).
     After fit: `cluster_centers_` (K, D), `labels_` (N,), `rqvae_` (fitted RQVAEQuantizer, with
     `history_`), `codes_`, `level_sizes_`, `reconstruction_rel_error_` (centroid + decoded
     residual vs the features), `fit_seconds_`.
@@ -263,7 +271,7 @@ class CartIdentifier(IdentifierModel):
         minibatch_threshold: int = MINIBATCH_THRESHOLD,
         device: str = "cpu",
         n_threads: int | None = 1,
-        last_level: LastLevel | str = LastLevel.BALANCED,
+        last_level: LastLevel | str = LastLevel.NEAREST,
         progress: bool = False,
     ) -> None:
         self.last_level = _last_level(last_level)
@@ -339,7 +347,7 @@ class RQVAEOnlyIdentifier(IdentifierModel):
         max_train_items: int = 100_000,
         device: str = "cpu",
         n_threads: int | None = 1,
-        last_level: LastLevel | str = LastLevel.BALANCED,
+        last_level: LastLevel | str = LastLevel.NEAREST,
         progress: bool = False,
     ) -> None:
         self.last_level = _last_level(last_level)
@@ -576,7 +584,7 @@ def build_identifier_model(
     minibatch_threshold: int = MINIBATCH_THRESHOLD,
     device: str = "cpu",
     n_threads: int | None = 1,
-    last_level: LastLevel | str = LastLevel.BALANCED,
+    last_level: LastLevel | str = LastLevel.NEAREST,
     progress: bool = False,
 ) -> IdentifierModel:
     """An unfitted estimator for `scheme`; the parameters a scheme does not use are ignored,

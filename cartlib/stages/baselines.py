@@ -1,4 +1,5 @@
-"""Stage `baselines`: the non-generative rows of the main table, on the same test queries.
+"""Stage `baselines`: the non-generative rows of the main table, on the same test queries, ranked
+against the test items only and scored with the complete qrels.
 
 - **Dual-tower, exact** (torch matrix product) and **FAISS** ``IndexFlatIP`` (exact), ``IndexIVFFlat``
   and ``IndexHNSWFlat`` (approximate) on the `features` stage's vectors: recall against the qrels,
@@ -68,11 +69,12 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> Baselines
     gallery_ids = feats.item_ids[test_rows]
     items = np.ascontiguousarray(feats.items[test_rows], dtype=np.float32)
     cap_row = pd.Series(np.arange(len(feats.caption_ids)), index=feats.caption_ids)
-    missing = set(qrels["query_id"]) - set(cap_row.index)
+    rel = M.group_qrels(qrels)
+    missing = set(rel.query_ids) - set(cap_row.index)
     if missing:
         raise ValueError(f"{paths.features}: no feature for query {sorted(missing)[0]!r} (rerun the features stage)")
-    queries = np.ascontiguousarray(feats.captions[cap_row[qrels["query_id"]].to_numpy()], dtype=np.float32)
-    gold = qrels["item_id"].to_numpy()
+    queries = np.ascontiguousarray(feats.captions[cap_row[rel.query_ids].to_numpy()], dtype=np.float32)
+    gold = rel.relevant
     n, k = len(items), min(K, len(items))
 
     rows, ranked_of = [], {}
@@ -99,7 +101,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> Baselines
         if str(feats.meta.get("text_model", "")).startswith("all-MiniLM-L6-v2"):
             mini_q = queries  # the query features already are the bundled MiniLM's
         else:
-            texts = caps.set_index("caption_id").loc[qrels["query_id"], "text"].tolist()
+            texts = caps.set_index("caption_id").loc[rel.query_ids, "text"].tolist()
             mini_q = encode_sentences(texts, tokenizer=tokenizer, model=model, progress=progress,
                                       desc="encode queries (MiniLM)")
         row_in_gallery = pd.Series(np.arange(n), index=gallery_ids)

@@ -1,12 +1,17 @@
-"""Stage `data`: build one task's dataset in the on-disk schema (cartlib.data.schema)."""
+"""Stage `data`: build one task's dataset in the on-disk schema (cartlib.data.schema).
+
+On the built-in benchmark the qrels are complete: a test (val) query is relevant to every test (val)
+item consistent with everything its caption states (`synthetic.relevant_items`, exact: from what the
+generator recorded, not from the text)."""
 from __future__ import annotations
 
 import time
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 
-from cartlib import viz
+from cartlib import metrics as M, viz
 from cartlib.config import Params, check_task
 from cartlib.data import schema
 from cartlib.paths import TaskPaths
@@ -30,33 +35,69 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> DataStage
     from cartlib.data import synthetic
 
     start = time.perf_counter()
-    n_items = cfg.n_train + cfg.n_test
+    n_items = cfg.n_train + cfg.n_test + cfg.n_val
     writer = schema.DatasetWriter(paths.dataset, task=paths.task, dataset="synthetic", n_items=n_items,
                                   media_shape=synthetic.media_shape(paths.task),
                                   media_dtype=str(synthetic.media_dtype(paths.task)))
-    chunks = synthetic.generate(task=paths.task, n_train=cfg.n_train, n_test=cfg.n_test, seed=params.base.seed,
-                                n_captions=cfg.n_captions, n_pseudo=cfg.n_pseudo,
+    chunks = synthetic.generate(task=paths.task, n_train=cfg.n_train, n_test=cfg.n_test, n_val=cfg.n_val,
+                                seed=params.base.seed, n_captions=cfg.n_captions, n_pseudo=cfg.n_pseudo,
                                 captioner_error_rate=cfg.captioner_error_rate, chunk_size=cfg.chunk_size)
+    gallery = {split: _Gallery([], [], []) for split in schema.QUERY_SPLITS}  # what complete qrels need
     with tqdm(total=n_items, desc=f"render {paths.task}", unit="item", disable=not progress) as bar:
         for chunk in chunks:
             writer.add(item_ids=chunk.item_ids, splits=chunk.splits, attributes=chunk.attributes,
                        captions=chunk.captions, pseudo_captions=chunk.pseudo_captions, media=chunk.media)
+            for i, split in enumerate(chunk.splits):
+                if split in gallery:
+                    gallery[split].item_ids.append(chunk.item_ids[i])
+                    gallery[split].attributes.append(chunk.attributes[i])
+                    gallery[split].statements.append(chunk.statements[i])
             bar.update(len(chunk.item_ids))
-    writer.close(qrels_path=paths.qrels)
+    qrels = {split: complete_qrels(task=paths.task, gallery=g) for split, g in gallery.items()}
+    writer.close(qrels_path=paths.qrels, qrels_val_path=paths.qrels_val, qrels=qrels)
     seconds = time.perf_counter() - start
     dataset = schema.load_dataset(paths.dataset)
-    schema.load_qrels(paths.qrels, dataset)
     caps = dataset.captions
     metrics = {
-        "n_items": n_items, "n_train": cfg.n_train, "n_test": cfg.n_test,
+        "n_items": n_items, "n_train": cfg.n_train, "n_test": cfg.n_test, "n_val": cfg.n_val,
         "n_reference_captions": int((caps["kind"] == "reference").sum()),
         "n_pseudo_captions": int((caps["kind"] == "pseudo").sum()),
-        "n_test_queries": int(len(dataset.queries("test"))),
+        "n_test_queries": int(len(dataset.queries("test"))), "n_val_queries": int(len(dataset.queries("val"))),
+        **_relevance_metrics(paths, dataset),
         "vocabulary_size": int(len(set(" ".join(caps["text"]).lower().split()))),
         "mean_caption_words": float(caps["text"].str.split().str.len().mean()),
         "seconds": round(seconds, 2),
     }
     return _finish(params, paths, dataset, metrics)
+
+
+class _Gallery(NamedTuple):
+    """The test (or val) items of a generated dataset, in file order."""
+    item_ids: list[str]
+    attributes: list[dict]
+    statements: list[list]  # per item, the synthetic.Statement of each reference caption
+
+
+def complete_qrels(*, task: str, gallery: _Gallery) -> pd.DataFrame:
+    """Every (caption_id, item_id) of the gallery where the item is consistent with the caption's
+    statement; caption ids follow the writer's `<item_id>-c<j>`."""
+    from cartlib.data import synthetic
+
+    query_ids = [f"{item}-c{j}" for item, sts in zip(gallery.item_ids, gallery.statements) for j in range(len(sts))]
+    statements = [st for sts in gallery.statements for st in sts]
+    relevant = synthetic.relevant_items(task=task, statements=statements, attributes=gallery.attributes)
+    rows = [(q, gallery.item_ids[i]) for q, found in zip(query_ids, relevant) for i in found]
+    return pd.DataFrame(rows, columns=schema.QREL_COLUMNS)
+
+
+def _relevance_metrics(paths: TaskPaths, dataset: schema.Dataset) -> dict:
+    """Validate both qrels files against the dataset; how many items each query has (test, `val_…`)."""
+    out = {}
+    for split, path, prefix in (("test", paths.qrels, ""), ("val", paths.qrels_val, "val_")):
+        qrels = schema.load_qrels(path, dataset, split=split)
+        if len(qrels):
+            out.update({prefix + k: v for k, v in M.relevance_stats(qrels).items()})
+    return out
 
 
 def _run_real(params: Params, paths: TaskPaths, *, progress: bool) -> DataStageResult:
@@ -70,11 +111,12 @@ def _run_real(params: Params, paths: TaskPaths, *, progress: bool) -> DataStageR
                                       n_captions=None, n_pseudo=cfg.n_pseudo,
                                       progress=progress)
     dataset = schema.load_dataset(paths.dataset)
-    schema.load_qrels(paths.qrels, dataset)
     metrics = {"n_items": summary.n_items, "n_train": summary.n_train, "n_test": summary.n_test,
+               "n_val": summary.n_val,
                "n_reference_captions": int((dataset.captions["kind"] == "reference").sum()),
                "n_pseudo_captions": int((dataset.captions["kind"] == "pseudo").sum()),
-               "n_test_queries": int(len(dataset.queries("test"))), "n_missing": summary.n_missing,
+               "n_test_queries": int(len(dataset.queries("test"))), "n_val_queries": int(len(dataset.queries("val"))),
+               **_relevance_metrics(paths, dataset), "n_missing": summary.n_missing,
                "n_unreadable": summary.n_unreadable, "n_excluded": summary.n_excluded,
                "seconds": round(time.perf_counter() - start, 2)}
     if summary.missing or summary.unreadable:

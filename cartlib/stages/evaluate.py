@@ -1,4 +1,5 @@
-"""Stage `evaluate`: constrained beam search over the test queries against the test gallery."""
+"""Stage `evaluate`: constrained beam search over the test queries against the test items only,
+scored with the complete qrels (every relevant item of a query counts)."""
 from __future__ import annotations
 
 import time
@@ -99,19 +100,21 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     gallery_ids = dataset.items["item_id"].to_numpy()[test_rows]
     gallery_codes = torch.from_numpy(table.codes[test_rows])
     index = PrefixIndex.build(gallery_codes, table.vocab.level_sizes).to(device)
-    texts = dataset.captions.set_index("caption_id").loc[qrels["query_id"], "text"].tolist()
+    rel = M.group_qrels(qrels)
+    queries = dataset.captions.set_index("caption_id").loc[rel.query_ids]
+    texts = queries["text"].tolist()
     ranked, scores, codes, seconds = rank_queries(model, tokenizer, texts, index, gallery_ids, cfg=cfg,
                                                   max_length=bundle["train_config"]["max_length"], progress=progress)
-    gold = qrels["item_id"].to_numpy()
-    result = M.retrieval_metrics(ranked, gold, n_candidates=len(gallery_ids))
+    result = M.retrieval_metrics(ranked, rel.relevant, n_candidates=len(gallery_ids))
     result["queries_per_second"] = round(len(texts) / seconds, 2)
-    run_frame = M.run_table(qrels["query_id"].to_numpy(), ranked, scores)
+    run_frame = M.run_table(rel.query_ids, ranked, scores)
 
-    # error analysis: for misses at rank 1, the level of the first wrong token
+    # error analysis: for misses at rank 1 (no relevant item), the level of the first token that
+    # differs from the identifier of the query's own item (the one the caption was written for)
     row_in_gallery = pd.Series(np.arange(len(gallery_ids)), index=gallery_ids)
-    gold_codes = table.codes[test_rows][row_in_gallery[gold].to_numpy()]
+    gold_codes = table.codes[test_rows][row_in_gallery[queries["item_id"]].to_numpy()]
     level = first_wrong_level(codes[:, 0], gold_codes)
-    miss = ranked[:, 0] != gold
+    miss = ~np.array([r in relevant for r, relevant in zip(ranked[:, 0].tolist(), rel.relevant)], dtype=bool)
     names = [f"level {l}" + (" (k, coarse)" if l == 0 else " (u, unique)" if l == table.codes.shape[1] - 1 else "")
              for l in range(table.codes.shape[1])]
     counts = np.bincount(level[miss & (level >= 0)], minlength=table.codes.shape[1])

@@ -1,5 +1,6 @@
-"""Stage `features`: frozen MiniLM text vectors, a media tower trained into that space, and the
-dual-tower baseline (test queries against the test gallery)."""
+"""Stage `features`: frozen MiniLM text vectors, a media tower trained into that space (on the
+train split's items and reference captions only: no test or val caption is ever a training input),
+and the dual-tower baseline (test queries against the test items only, complete qrels)."""
 from __future__ import annotations
 
 import time
@@ -43,14 +44,15 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> FeaturesS
     save_features(paths.features, items=item_vecs, caption_ids=cap_ids, captions=cap_vecs, meta=meta)
     row_of_caption = pd.Series(np.arange(len(cap_ids)), index=cap_ids)
 
-    # dual-tower baseline: test queries against the test gallery
+    # dual-tower baseline: test queries against the test items only
     test_items = dataset.split_items("test")
     test_rows = test_items.index.to_numpy()
-    q_rows = row_of_caption[qrels["query_id"]].to_numpy()
+    rel = M.group_qrels(qrels)
+    q_rows = row_of_caption[rel.query_ids].to_numpy()
     top = baselines.exact_topk(cap_vecs[q_rows], item_vecs[test_rows], k=10, device=device)
     ranked_ids = test_items["item_id"].to_numpy()[top.indices]
-    result = M.retrieval_metrics(ranked_ids, qrels["item_id"].to_numpy(), n_candidates=len(test_items))
-    run_frame = M.run_table(qrels["query_id"].to_numpy(), ranked_ids, top.scores)
+    result = M.retrieval_metrics(ranked_ids, rel.relevant, n_candidates=len(test_items))
+    run_frame = M.run_table(rel.query_ids, ranked_ids, top.scores)
     result.update({k: round(v, 2) for k, v in timings.items()})
     features = Features(dataset.items["item_id"].to_numpy(), item_vecs, cap_ids, cap_vecs, meta)
     curve = viz.training_curve(history, title=f"{paths.task}: media tower InfoNCE loss (train split)")
@@ -74,12 +76,9 @@ def _tower_features(params: Params, paths: TaskPaths, dataset: schema.Dataset, d
 
     # 2. train the media tower on the train split: (N_train, C, D) caption vectors per item
     t0 = time.perf_counter()
-    train_items = dataset.split_items("train")
-    row_of_caption = pd.Series(np.arange(len(refs)), index=refs["caption_id"].to_numpy())
-    per_item = refs.groupby("item_id", sort=False)["caption_id"].apply(list)
-    n_caps = min(len(per_item[i]) for i in train_items["item_id"])
-    text_train = np.stack([cap_vecs[row_of_caption[per_item[i][:n_caps]].to_numpy()] for i in train_items["item_id"]])
-    media_train = np.asarray(dataset.media[train_items["media_index"].to_numpy()])
+    pairs = tower_training_inputs(dataset)
+    text_train = np.stack([cap_vecs[rows] for rows in pairs.caption_rows])
+    media_train = np.asarray(dataset.media[pairs.media_rows])
     tower = media_towers.build_tower(paths.task, out_dim=cap_vecs.shape[1], width=cfg.width,
                                      n_mels=cfg.n_mels, media_shape=tuple(dataset.media.shape[1:]))
     trained = contrastive.train_tower(tower, media=media_train, text=text_train, epochs=cfg.epochs,
@@ -97,6 +96,32 @@ def _tower_features(params: Params, paths: TaskPaths, dataset: schema.Dataset, d
     meta = {"text_model": "all-MiniLM-L6-v2 (frozen, mean-pooled)", "media_encoder": type(trained.model).__name__,
             "dataset_sha256": dataset.manifest["sha256"]}
     return item_vecs, refs["caption_id"].to_numpy(), cap_vecs, pd.DataFrame(trained.history), meta, timings
+
+
+class TowerInputs(NamedTuple):
+    """What the media tower trains on: train items only (never a test or val reference caption)."""
+    item_ids: np.ndarray  # (N_train,) the train items
+    media_rows: np.ndarray  # (N_train,) their rows of media.npy
+    caption_ids: np.ndarray  # (N_train, C) the first C reference captions of each
+    caption_rows: np.ndarray  # (N_train, C) their rows among the dataset's reference captions
+
+
+def tower_training_inputs(dataset: schema.Dataset) -> TowerInputs:
+    """The (media, captions) pairs of the media tower's InfoNCE: every train item with its first C
+    reference captions (C = the fewest any train item has)."""
+    refs = dataset.captions[dataset.captions["kind"] == "reference"]
+    train_items = dataset.split_items("train")
+    if train_items.empty:
+        raise schema.DataFormatError(f"{dataset.folder}: no train items to train the media tower on")
+    row_of_caption = pd.Series(np.arange(len(refs)), index=refs["caption_id"].to_numpy())
+    per_item = refs.groupby("item_id", sort=False)["caption_id"].apply(list)
+    ids = train_items["item_id"].to_numpy()
+    n_caps = min(len(per_item.get(i, [])) for i in ids)
+    if n_caps == 0:
+        raise schema.DataFormatError(f"{dataset.folder}: a train item has no reference caption")
+    cap_ids = np.array([per_item[i][:n_caps] for i in ids], dtype=object)
+    return TowerInputs(ids, train_items["media_index"].to_numpy(), cap_ids,
+                       row_of_caption[cap_ids.reshape(-1)].to_numpy().reshape(cap_ids.shape))
 
 
 def _pretrained_features(params: Params, paths: TaskPaths, dataset: schema.Dataset, device: str, progress: bool):

@@ -1,4 +1,7 @@
-"""Stage `identifiers`: build every identifier scheme on the item features, with its health."""
+"""Stage `identifiers`: build every identifier scheme on the item features, with its health.
+
+CART's last RQ level follows `identifiers.last_level` (nearest: the paper's rule, `u` counts the
+items sharing `(k, v_1..v_M)`; balanced: the ablation), as do the RQ-VAE-only scheme's."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -36,7 +39,8 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> Identifie
         model = build_identifier_model(scheme, n_clusters=cfg.n_clusters, n_levels=cfg.n_levels,
                                        codebook_size=cfg.codebook_size, latent_dim=cfg.latent_dim,
                                        hidden_dim=cfg.hidden_dim, epochs=cfg.epochs, lr=cfg.lr, beta=cfg.beta,
-                                       batch_size=cfg.batch_size, seed=params.base.seed,
+                                       batch_size=cfg.batch_size, last_level=cfg.last_level,
+                                       seed=params.base.seed,
                                        device=resolve_device(params.base.device), progress=progress)
         model.fit(feats.items)
         health = identifier_health(model.codes_, model.level_sizes_, has_unique_token=model.has_unique_token,
@@ -54,7 +58,10 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> Identifie
         "code_usage": viz.code_usage(usage, title=f"{paths.task}: codebook usage per level"),
         "cluster_sizes": viz.cluster_sizes(codes[cfg.scheme], title=f"{paths.task}: {cfg.scheme} identifiers"),
     }
+    # the default scheme's health: collision_rate, max_items_per_prefix, unique_token_p99, the level
+    # sizes (level_size_l<i>; the last is u's: the largest number of items sharing a prefix), …
     metrics = {k: v for k, v in rows[0].items() if isinstance(v, (int, float))}
+    metrics["level_sizes"] = rows[0]["level_sizes"]
     run_id = publish(paths, "identifiers", params=params, metrics=metrics, tables={"schemes": table},
                      figures=figures)
     return IdentifiersStageResult(codes, table, metrics, figures, run_id)

@@ -1,5 +1,7 @@
 """Stage `train`: the CART model (frozen or fine-tuned MiniLM + compact fused decoder), trained on
-train-split queries and, with caption enhancement, on every gallery item's pseudo-captions.
+train-split queries and, with caption enhancement, on every corpus item's pseudo-captions (train,
+val and test items). Validation recall@1 after every epoch: the val items' reference captions
+(never trained on) ranked against the val items alone, with the complete `qrels_val.tsv`.
 
 An interrupted run resumes from ``models/<task>/<name>_checkpoints/last.pt`` only when that
 checkpoint was written under the same :func:`cartlib.cache_key.run_key` (the whole train config,
@@ -13,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cartlib import io, viz
+from cartlib import io, metrics as M, viz
 from cartlib.cache_key import WeightsKey, run_key
 from cartlib.config import ConfigError, Params, TrainConfig, check_task, resolve_device
 from cartlib.data import schema
@@ -30,8 +32,6 @@ class TrainingPairs(NamedTuple):
     texts: list[str]  # training queries
     rows: np.ndarray  # (Q,) item row (items.tsv order) whose identifier each text targets
     kinds: np.ndarray  # (Q,) "reference" or "pseudo"
-    val_texts: list[str]  # held-out reference captions of some train items (never trained on)
-    val_rows: np.ndarray  # (Q_val,)
 
 
 class TrainStageResult(NamedTuple):
@@ -42,29 +42,25 @@ class TrainStageResult(NamedTuple):
     mlflow_run_id: str | None
 
 
-def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, n_val_items: int, seed: int,
+def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, seed: int,
                    refs_per_item: int = 0, max_train_items: int = 0) -> TrainingPairs:
-    """Train queries → their item; pseudo-captions of all items (train and test galleries) → their item.
+    """Train items' reference captions → their item; pseudo-captions of all items (train, val and
+    test: val and test items are both corpus items) → their item.
 
-    Test reference captions (the test queries) are never used. The last reference caption of
-    `n_val_items` random train items is held out for validation recall. `refs_per_item` > 0 keeps
-    only the first that many (non-held-out) reference captions of each train item;
+    Reference captions of test and val items (the test and validation queries) are never used.
+    `refs_per_item` > 0 keeps only the first that many reference captions of each train item;
     `max_train_items` > 0 keeps that many random train items only (their reference captions and
-    pseudo-captions; the test gallery's pseudo-captions are always all kept).
+    pseudo-captions; the pseudo-captions of test and val items are always all kept).
     """
     row_of = pd.Series(np.arange(len(dataset.items)), index=dataset.items["item_id"].to_numpy())
     caps = dataset.captions
     train_ids = dataset.split_items("train")["item_id"].to_numpy()
-    refs = caps[(caps["kind"] == "reference") & caps["item_id"].isin(set(train_ids))]
+    train = caps[(caps["kind"] == "reference") & caps["item_id"].isin(set(train_ids))]
     rng = np.random.default_rng(seed)
-    val_items = set(rng.choice(train_ids, size=min(n_val_items, len(train_ids)), replace=False))
-    last = refs.groupby("item_id", sort=False)["caption_id"].transform("last")
-    held = (refs["caption_id"] == last) & refs["item_id"].isin(val_items) & (refs.groupby("item_id")["caption_id"].transform("size") > 1)
-    train = refs[~held]
     pseudo = caps[caps["kind"] == "pseudo"]
     if caption_enhancement:
         _check_pseudo_captions(dataset, pseudo)
-    if max_train_items > 0:  # a subset of the train gallery; the test gallery is always kept whole
+    if max_train_items > 0:  # a subset of the train items; test and val items are always kept whole
         keep = set(rng.choice(train_ids, size=min(max_train_items, len(train_ids)), replace=False))
         train = train[train["item_id"].isin(keep)]
         pseudo = pseudo[pseudo["item_id"].isin(keep) | ~pseudo["item_id"].isin(set(train_ids))]
@@ -72,9 +68,27 @@ def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, n_val_
         train = train[train.groupby("item_id", sort=False).cumcount() < refs_per_item]
     if caption_enhancement:
         train = pd.concat([train, pseudo])
-    val = refs[held]
-    return TrainingPairs(train["text"].tolist(), row_of[train["item_id"]].to_numpy(), train["kind"].to_numpy(),
-                         val["text"].tolist(), row_of[val["item_id"]].to_numpy())
+    return TrainingPairs(train["text"].tolist(), row_of[train["item_id"]].to_numpy(), train["kind"].to_numpy())
+
+
+def validation_set(dataset: schema.Dataset, qrels_val: pd.DataFrame, codes: torch.Tensor,
+                   level_sizes) -> ValidationSet | None:
+    """The validation queries (val items' reference captions) → every relevant val item, ranked
+    against a prefix index over the val items alone; None when there are none.
+
+    ``codes (N, L)``: the identifier of every item (items.tsv rows)."""
+    val_rows = np.flatnonzero(dataset.items["split"].to_numpy() == "val")
+    if not len(val_rows) or qrels_val.empty:
+        return None
+    rel = M.group_qrels(qrels_val)
+    position = pd.Series(np.arange(len(val_rows)), index=dataset.items["item_id"].to_numpy()[val_rows])
+    relevant = np.full((len(rel.query_ids), max(map(len, rel.relevant))), -1, dtype=np.int64)  # (Q_val, R), -1 pads
+    for q, items in enumerate(rel.relevant):
+        found = np.sort(position[list(items)].to_numpy())
+        relevant[q, :len(found)] = found
+    texts = dataset.captions.set_index("caption_id").loc[rel.query_ids, "text"].tolist()
+    gallery = codes[torch.from_numpy(val_rows)]
+    return ValidationSet(texts, torch.from_numpy(relevant), PrefixIndex.build(gallery, level_sizes), gallery)
 
 
 def _check_pseudo_captions(dataset: schema.Dataset, pseudo: pd.DataFrame) -> None:
@@ -136,20 +150,16 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
     table = load_identifiers(paths.data / "identifiers", scheme or params.identifiers.scheme,
                              item_ids=dataset.items["item_id"].to_numpy())
-    pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, n_val_items=cfg.n_val_items,
-                           seed=params.base.seed, refs_per_item=cfg.refs_per_item,
-                           max_train_items=cfg.max_train_items)
+    pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, seed=params.base.seed,
+                           refs_per_item=cfg.refs_per_item, max_train_items=cfg.max_train_items)
     torch.manual_seed(params.base.seed)
     tokenizer, model = build_model(cfg, table.vocab.level_sizes)
     model = model.to(device)
     codes = torch.tensor(table.codes)  # a copy: the stored table is read-only
-    train_rows = np.flatnonzero(dataset.items["split"].to_numpy() == "train")
-    val = None
-    if len(pairs.val_texts):
-        gallery = codes[train_rows]
-        position = pd.Series(np.arange(len(train_rows)), index=train_rows)
-        val = ValidationSet(pairs.val_texts, torch.as_tensor(position[pairs.val_rows].to_numpy().copy()),
-                            PrefixIndex.build(gallery, table.vocab.level_sizes), gallery)
+    has_val = (dataset.items["split"] == "val").any()
+    qrels_val = schema.load_qrels(paths.qrels_val, dataset, split="val") if has_val else \
+        pd.DataFrame(columns=schema.QREL_COLUMNS)
+    val = validation_set(dataset, qrels_val, codes, table.vocab.level_sizes)
     ckpt_dir = paths.models / (out_name.removesuffix(".pt") + "_checkpoints")
     targets = codes[torch.tensor(pairs.rows)]
     key = run_key(cfg, seed=params.base.seed, table=table, texts=pairs.texts, targets=targets, val=val)
@@ -163,7 +173,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     history = pd.DataFrame(result.history)
     last = result.history[-1]
     metrics = {"n_train_texts": len(pairs.texts), "n_pseudo_texts": int((pairs.kinds == "pseudo").sum()),
-               "n_val_queries": len(pairs.val_texts), "final_loss": last["loss"], "final_ce": last["ce"],
+               "n_val_queries": 0 if val is None else len(val.texts), "final_loss": last["loss"], "final_ce": last["ce"],
                "final_kl": last["kl"], "train_seconds": float(history["seconds"].sum())}
     if "val_recall_at_1" in last:
         metrics["val_recall_at_1"] = last["val_recall_at_1"]

@@ -43,7 +43,7 @@ from cartlib.train import train_cart
 
 # identifier settings that change the table itself (scheme aside); anything else is training-only
 _STRUCTURE = ("n_clusters", "n_levels", "codebook_size", "latent_dim", "hidden_dim", "epochs", "lr", "beta",
-              "batch_size")
+              "batch_size", "last_level")
 
 
 class VariantResult(NamedTuple):
@@ -58,15 +58,17 @@ def schedule(params: Params) -> TrainConfig:
     """``params.train`` on the comparison schedule (``compare:``), without validation passes."""
     c = params.compare
     return dataclasses.replace(params.train, epochs=c.epochs, max_train_items=c.max_train_items,
-                               refs_per_item=c.refs_per_item, n_val_items=0)
+                               refs_per_item=c.refs_per_item)
 
 
 def query_subset(qrels: pd.DataFrame, n_queries: int, seed: int) -> pd.DataFrame:
-    """The same ``n_queries`` random test queries for every row (all when 0 or more than there are)."""
-    if n_queries <= 0 or n_queries >= len(qrels):
+    """The qrels rows of the same ``n_queries`` random test queries for every row (all when 0 or
+    more than there are); a query keeps all its relevant items."""
+    query_ids = qrels["query_id"].drop_duplicates().to_numpy()
+    if n_queries <= 0 or n_queries >= len(query_ids):
         return qrels
-    rows = np.sort(np.random.default_rng(seed).choice(len(qrels), size=n_queries, replace=False))
-    return qrels.iloc[rows].reset_index(drop=True)
+    picked = query_ids[np.sort(np.random.default_rng(seed).choice(len(query_ids), size=n_queries, replace=False))]
+    return qrels[qrels["query_id"].isin(set(picked))].reset_index(drop=True)
 
 
 def identifier_table(params: Params, paths: TaskPaths, dataset: schema.Dataset, *, progress: bool) -> IdentifierTable:
@@ -84,7 +86,7 @@ def identifier_table(params: Params, paths: TaskPaths, dataset: schema.Dataset, 
     model = build_identifier_model(cfg.scheme, n_clusters=cfg.n_clusters, n_levels=cfg.n_levels,
                                    codebook_size=cfg.codebook_size, latent_dim=cfg.latent_dim,
                                    hidden_dim=cfg.hidden_dim, epochs=cfg.epochs, lr=cfg.lr, beta=cfg.beta,
-                                   batch_size=cfg.batch_size, seed=params.base.seed,
+                                   batch_size=cfg.batch_size, last_level=cfg.last_level, seed=params.base.seed,
                                    device=resolve_device(params.base.device), progress=progress)
     model.fit(feats.items)
     vocab = Vocabulary(level_sizes=tuple(int(s) for s in model.level_sizes_))
@@ -134,7 +136,7 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
     dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
     qrels = query_subset(schema.load_qrels(paths.qrels, dataset), p.compare.n_queries, p.base.seed)
     # before the identifier table: a caption-enhanced row without pseudo-captions stops here
-    pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, n_val_items=0, seed=p.base.seed,
+    pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, seed=p.base.seed,
                            refs_per_item=cfg.refs_per_item, max_train_items=cfg.max_train_items)
     table = identifier_table(p, paths, dataset, progress=progress)
     trained = trained_model(cfg, table=table, texts=pairs.texts, rows=pairs.rows, seed=p.base.seed,
@@ -145,11 +147,12 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
     test_rows = np.flatnonzero(dataset.items["split"].to_numpy() == "test")
     gallery_ids = dataset.items["item_id"].to_numpy()[test_rows]
     index = PrefixIndex.build(torch.from_numpy(table.codes[test_rows]), table.vocab.level_sizes).to(device)
-    texts = dataset.captions.set_index("caption_id").loc[qrels["query_id"], "text"].tolist()
+    rel = M.group_qrels(qrels)
+    texts = dataset.captions.set_index("caption_id").loc[rel.query_ids, "text"].tolist()
     start = time.perf_counter()
     ranked, scores, _, seconds = rank_queries(model, tokenizer, texts, index, gallery_ids, cfg=p.evaluate,
                                               max_length=cfg.max_length, progress=progress)
-    metrics = M.retrieval_metrics(ranked, qrels["item_id"].to_numpy(), n_candidates=len(gallery_ids))
+    metrics = M.retrieval_metrics(ranked, rel.relevant, n_candidates=len(gallery_ids))
     metrics.update({
         "scheme": table.scheme,
         "level_sizes": "×".join(map(str, table.vocab.level_sizes)),
@@ -163,7 +166,7 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
         "model_cache_hit": hit,
         "overrides": json.dumps(overrides, sort_keys=True),
     })
-    run = M.run_table(qrels["query_id"].to_numpy(), ranked, scores)
+    run = M.run_table(rel.query_ids, ranked, scores)
     return VariantResult(metrics, run, pd.DataFrame(history), key, hit)
 
 
