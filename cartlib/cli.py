@@ -7,7 +7,7 @@ error before any expensive work), then executes `notebooks/NN_<stage>.ipynb` wit
 span all tasks) via a temp file, renamed when the run succeeded. Hyperparameters are never
 injected: they come from params.yaml alone, so DVC tracks them.
 
-Per-task stages: data, features, identifiers, train, evaluate, baselines, tsne, compare (with
+Per-task stages: data, features, captions, identifiers, train, evaluate, baselines, tsne, compare (with
 `--variant SCHEME`: the same generative model on another identifier scheme). Ablation rows:
 `ablations --variant ROW` (a row of params.yaml `ablations.rows`). Whole-suite stages: throughput,
 report.
@@ -35,6 +35,7 @@ from typing import NamedTuple
 STAGES = {
     "data": "01_data.ipynb",
     "features": "02_features.ipynb",
+    "captions": "02b_captions.ipynb",
     "identifiers": "03_identifiers.ipynb",
     "train": "04_train.ipynb",
     "evaluate": "05_evaluate.ipynb",
@@ -45,7 +46,7 @@ STAGES = {
     "throughput": "08_throughput.ipynb",
     "report": "09_report.ipynb",
 }
-TASK_STAGES = {"data", "features", "identifiers", "train", "evaluate", "baselines", "compare", "tsne"}
+TASK_STAGES = {"data", "features", "captions", "identifiers", "train", "evaluate", "baselines", "compare", "tsne"}
 VARIANT_STAGES = {"compare", "ablations"}  # need --variant
 # inputs that live among a stage's results and survive its clearing (a GPU run's rows, committed by hand)
 KEEP = {"throughput": ("throughput_gpu.csv",)}

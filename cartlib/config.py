@@ -89,7 +89,7 @@ class CaptionsConfig:
     """The captioner of caption enhancement: pseudo-captions of every item, from its media (issue 14)."""
 
     captioner: str = "learned"  # learned (a small captioning model trained on the train split) | rules (teaching, ablation)
-    epochs: int = 20  # captioner training epochs (chosen on validation items)
+    epochs: int = 8  # captioner training epochs (chosen on validation items)
     batch_size: int = 128
     lr: float = 0.002
     d_model: int = 128  # captioner decoder width
@@ -98,7 +98,7 @@ class CaptionsConfig:
     dropout: float = 0.1
     prefix_length: int = 4  # ClipCap-style prefix: item vector → this many decoder input vectors
     decoding: str = "sample"  # sample (n_pseudo draws per item, fixed seed) | beam (the n_pseudo best beams)
-    temperature: float = 0.7  # sampling temperature
+    temperature: float = 0.3  # sampling temperature (chosen on validation items)
     max_length: int = 32  # tokens per pseudo-caption
 
 

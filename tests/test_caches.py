@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from cartlib import codegraph
+from cartlib.captions.io import pseudo_captions_path, write_dataset_pseudo_captions
 from cartlib.config import BaseConfig, Params, TrainConfig
 from cartlib.data.idstore import load_identifiers, save_identifiers
-from cartlib.data.schema import DatasetWriter
+from cartlib.data.schema import DatasetWriter, load_dataset
 from cartlib.paths import task_paths
 from cartlib.stages import train as train_stage
 from cartlib.train import train_cart
@@ -46,6 +47,8 @@ def tiny_repo(root: Path, *, pseudo: tuple[str, ...] = ("test", "train")):
           pseudo_captions=[[f"maybe a {colours[i % 5]} thing {i}"] if splits[i] in pseudo else [] for i in range(n)],
           media=np.zeros((n, 2, 2, 3), np.uint8))
     w.close(qrels_path=paths.qrels)
+    # what the `captions` stage writes (here: the dataset's own pseudo-captions, as `captioner: rules` does)
+    write_dataset_pseudo_captions(load_dataset(paths.dataset), pseudo_captions_path(paths))
     codes = np.array([[i % 3, (i // 3) % 2, (i // 6) % 2] for i in range(n)])
     save_identifiers(paths.data / "identifiers", scheme="cart", codes=codes, item_ids=ids, level_sizes=SIZES,
                      has_unique_token=False, meta={"config": dataclasses.asdict(PARAMS.identifiers)})

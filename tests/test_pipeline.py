@@ -2,7 +2,7 @@
 
 The pipeline runs exactly as a newcomer runs it: `make reproduce` from a shell whose PATH has no
 virtualenv on it. `VENV=<path>` (Makefile variable) points make at the virtualenv these tests run in,
-so nothing is reinstalled (make installs only when that venv is older than requirements.lock).
+and `-o <venv>/.installed` tells make to take it as installed, so nothing is reinstalled.
 """
 import hashlib
 import json
@@ -45,7 +45,9 @@ def _run(cmd, cwd, check=True):
 def make_reproduce(repo: Path, *dvc_args: str) -> subprocess.CompletedProcess:
     """The README's command, typed in `repo`, with the test's virtualenv (see module docstring)."""
     args = [f"DVC_ARGS={' '.join(dvc_args)}"] if dvc_args else []
-    return _run(["make", "reproduce", f"VENV={VENV}", *args], repo, check=False)
+    # `-o <stamp>`: make treats the venv as installed; it must never `pip install -e` the temporary copy
+    # into the venv the tests run in (the editable install would then point at the copy)
+    return _run(["make", "-o", str(VENV / ".installed"), "reproduce", f"VENV={VENV}", *args], repo, check=False)
 
 
 def copy_repo(dest: Path, *, scale: str = "smoke") -> Path:

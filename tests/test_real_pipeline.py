@@ -11,6 +11,7 @@ import yaml
 
 from cartlib.config import params_from_dict
 from cartlib.paths import task_paths
+from cartlib.stages import captions as captions_stage
 from cartlib.stages import data as data_stage
 from cartlib.stages import evaluate as evaluate_stage
 from cartlib.stages import features as features_stage
@@ -88,7 +89,8 @@ def _close_figures():
 
 def run_pipeline(params, paths):
     out = {}
-    for name, stage in (("data", data_stage), ("features", features_stage), ("identifiers", identifiers_stage),
+    for name, stage in (("data", data_stage), ("features", features_stage), ("captions", captions_stage),
+                        ("identifiers", identifiers_stage),
                         ("train", train_stage), ("evaluate", evaluate_stage)):
         out[name] = stage.run(params, paths, progress=False)
         assert out[name].mlflow_run_id, f"stage {name}: no MLflow run logged"

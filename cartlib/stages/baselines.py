@@ -22,6 +22,7 @@ import pandas as pd
 
 from cartlib import metrics as M
 from cartlib.baselines import exact_topk, faiss_indexes, recall_vs_exact
+from cartlib.captions.io import pseudo_captions_path, with_pseudo_captions
 from cartlib.config import Params, check_task
 from cartlib.data import schema
 from cartlib.data.features import load_features
@@ -63,6 +64,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> Baselines
     check_task(paths.task, params)
     cfg = params.baselines
     dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
+    dataset = with_pseudo_captions(dataset, pseudo_captions_path(paths))  # the captions stage's
     qrels = schema.load_qrels(paths.qrels, dataset)
     feats = load_features(paths.features, dataset)
     test_rows = np.flatnonzero(dataset.items["split"].to_numpy() == "test")

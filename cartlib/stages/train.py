@@ -17,6 +17,7 @@ import torch
 
 from cartlib import io, metrics as M, viz
 from cartlib.cache_key import WeightsKey, run_key
+from cartlib.captions.io import pseudo_captions_path, with_pseudo_captions
 from cartlib.config import ConfigError, Params, TrainConfig, check_task, resolve_device
 from cartlib.data import schema
 from cartlib.data.idstore import IdentifierTable, load_identifiers
@@ -148,6 +149,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     cfg = cfg or params.train
     device = resolve_device(params.base.device)
     dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
+    dataset = with_pseudo_captions(dataset, pseudo_captions_path(paths))  # the captions stage's
     table = load_identifiers(paths.data / "identifiers", scheme or params.identifiers.scheme,
                              item_ids=dataset.items["item_id"].to_numpy())
     pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, seed=params.base.seed,

@@ -29,6 +29,7 @@ import torch
 
 from cartlib import io, metrics as M
 from cartlib.cache_key import StaleCacheError, WeightsKey, run_key
+from cartlib.captions.io import pseudo_captions_path, with_pseudo_captions
 from cartlib.config import Params, TrainConfig, resolve_device, with_overrides
 from cartlib.data import schema
 from cartlib.data.features import load_features
@@ -134,6 +135,7 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
     cfg = schedule(p)
     device = resolve_device(p.base.device)
     dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
+    dataset = with_pseudo_captions(dataset, pseudo_captions_path(paths))  # the captions stage's
     qrels = query_subset(schema.load_qrels(paths.qrels, dataset), p.compare.n_queries, p.base.seed)
     # before the identifier table: a caption-enhanced row without pseudo-captions stops here
     pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, seed=p.base.seed,
