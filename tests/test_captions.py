@@ -126,6 +126,25 @@ def test_captioner_learns_a_learnable_mapping_and_beats_a_wrong_nearest_train_ba
     assert A.attribute_scores([b[:1] for b in beams], new_attrs, task="image").accuracy > 0.8  # the best beam
 
 
+def test_training_keeps_the_epoch_with_the_lowest_validation_loss():
+    """Early stopping on validation items: with validation pairs whose captions contradict the train
+    ones, the validation loss rises as the model learns; the returned weights are the best epoch's."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    vec, texts, _, raw = _toy(rng, 64)
+    val_vec, _, _, _ = _toy(rng, 0, flip_of=(raw[:16],))
+    val_texts = texts[:16]  # the flipped items keep their source's caption: wrong for what the vector says
+    trained = M.train_captioner(vectors=vec, texts=texts, cfg=TOY_CFG, seed=0, val_vectors=val_vec,
+                                val_texts=val_texts, progress=False)
+    losses = [h["val_loss"] for h in trained.history]
+    best = int(np.argmin(losses))
+    assert best < len(losses) - 1, losses  # the oracle setting: validation loss is not lowest at the end
+    vy = torch.as_tensor(trained.vocab.encode(list(val_texts), max_length=TOY_CFG.max_length))
+    kept = M.teacher_forced_loss(trained.model, torch.as_tensor(val_vec), vy, pad=trained.vocab.pad)
+    assert kept == pytest.approx(losses[best], rel=1e-5)
+
+
 def test_same_seed_same_captions_and_beams_are_distinct():
     rng = np.random.default_rng(1)
     vec, texts, _, _ = _toy(rng, 32)

@@ -74,7 +74,8 @@ def train_captioner(*, vectors: np.ndarray, texts: Sequence[str], cfg, seed: int
     """Teacher-forced cross-entropy on (vector, caption) pairs; the vocabulary is these captions' words.
 
     `vectors[i]` is the item vector of `texts[i]` (one row per caption). The validation pairs are only
-    scored (teacher-forced loss per epoch), never trained on.
+    scored (teacher-forced loss per epoch), never trained on; with them, the weights of the epoch with
+    the lowest validation loss are restored at the end (early stopping chosen on validation items).
     """
     import time
 
@@ -95,6 +96,7 @@ def train_captioner(*, vectors: np.ndarray, texts: Sequence[str], cfg, seed: int
         vy = torch.as_tensor(vocab.encode(list(val_texts), max_length=cfg.max_length))
     loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad)
     history = []
+    best_loss, best_state = math.inf, None
     n_batches = math.ceil(len(x) / cfg.batch_size)
     bar = tqdm(total=cfg.epochs * n_batches, desc="captioner", unit="batch", disable=not progress)
     for epoch in range(1, cfg.epochs + 1):
@@ -117,7 +119,11 @@ def train_captioner(*, vectors: np.ndarray, texts: Sequence[str], cfg, seed: int
         val_loss = teacher_forced_loss(model, vx, vy, pad=vocab.pad, device=device) if has_val else float("nan")
         history.append({"epoch": epoch, "loss": total / count, "val_loss": val_loss,
                         "seconds": time.perf_counter() - t0})
+        if has_val and val_loss < best_loss:
+            best_loss, best_state = val_loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
     bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     return TrainedCaptioner(model, vocab, history)
 

@@ -89,6 +89,8 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> CaptionsS
                        final_train_loss=round(float(history["loss"].iloc[-1]), 4))
         if history["val_loss"].notna().any():
             metrics["final_val_loss"] = round(float(history["val_loss"].iloc[-1]), 4)
+            best = history.loc[history["val_loss"].idxmin()]  # the epoch whose weights were kept
+            metrics["best_epoch"], metrics["best_val_loss"] = int(best["epoch"]), round(float(best["val_loss"]), 4)
     metrics.update(timings)
     quality, examples = _quality(task=paths.task, items=items, caps=caps, pseudo=pseudo, vectors=vectors, n=n,
                                  synthetic=synthetic)
