@@ -40,7 +40,7 @@ def test_environment_yml_carries_the_lock():
     assert [p for p in pip if p != "-e ."] == locked
 
 
-def _system_path() -> str:
+def system_path() -> str:
     """PATH without any virtualenv's bin: what a newcomer's shell has."""
     return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
                            if p and not (Path(p).parent / "pyvenv.cfg").exists())
@@ -50,7 +50,7 @@ def test_every_dvc_command_runs_under_make_reproduce():
     """`make reproduce` runs each stage's `cmd`; its program must be found on the PATH make gives it."""
     make = shutil.which("make")
     assert make, "make is needed (README: the two commands are make targets)"
-    env = dict(os.environ, PATH=_system_path())
+    env = dict(os.environ, PATH=system_path())
     path = subprocess.run([make, "-s", "stage-path", f"VENV={sys.prefix}"], cwd=ROOT, env=env, capture_output=True,
                           text=True, check=True).stdout.strip()
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

@@ -18,6 +18,7 @@ import yaml
 
 from cartlib.metrics import metrics_from_run
 from cartlib.results import is_measurement_file
+from test_environment import system_path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -25,14 +26,8 @@ VENV = Path(sys.prefix)
 METRIC_KEYS = {"recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10", "n_queries", "n_candidates"}
 
 
-def _system_path() -> str:
-    """PATH without any virtualenv's bin: what a newcomer's shell has (no activated venv)."""
-    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if p and not (Path(p).parent / "pyvenv.cfg").exists())
-
-
 def _env():
-    env = dict(os.environ, PATH=_system_path(), HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
+    env = dict(os.environ, PATH=system_path(), HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
     for key in ("MLFLOW_TRACKING_URI", "VIRTUAL_ENV", "MAKEFLAGS", "MAKELEVEL", "MFLAGS"):
         env.pop(key, None)
     return env

@@ -10,7 +10,6 @@ pseudo-captions read them through it); every problem raises `DataFormatError` na
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Iterable
@@ -18,7 +17,7 @@ from typing import Iterable
 import pandas as pd
 
 from cartlib import io
-from cartlib.data.schema import DataFormatError
+from cartlib.data.schema import DataFormatError, read_tsv
 
 COLUMNS = ["caption_id", "item_id", "text"]
 FILE_NAME = "pseudo_captions.tsv"
@@ -67,10 +66,12 @@ def validate(frame: pd.DataFrame, *, items: Iterable[str] | pd.DataFrame, name: 
 
 def write_pseudo_captions(path: str | os.PathLike, frame: pd.DataFrame, *,
                           items: Iterable[str] | pd.DataFrame) -> Path:
-    """Validate and write atomically (texts collapsed to one line first, as the dataset's captions are)."""
+    """Validate and write atomically (texts collapsed to one line first, as the dataset's captions are);
+    returns the rows as written, so a caller needs no second read."""
     frame = frame.assign(text=frame["text"].map(lambda t: " ".join(str(t).split())))
     frame = validate(frame.astype({"caption_id": str, "item_id": str}), items=items, name=str(path))
-    return io.write_dataframe_tsv(path, frame)
+    io.write_dataframe_tsv(path, frame)
+    return frame.reset_index(drop=True)
 
 
 def read_pseudo_captions(path: str | os.PathLike, *, items: Iterable[str] | pd.DataFrame) -> pd.DataFrame:
@@ -78,11 +79,7 @@ def read_pseudo_captions(path: str | os.PathLike, *, items: Iterable[str] | pd.D
     path = Path(path)
     if not path.exists():
         raise DataFormatError(f"{path}: file not found (run the `captions` stage first)")
-    try:
-        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL)
-    except Exception as e:
-        raise DataFormatError(f"{path}: cannot be parsed as TSV ({e})") from None
-    return validate(frame, items=items, name=str(path))
+    return validate(read_tsv(path, COLUMNS, {}), items=items, name=str(path))
 
 
 def by_item(frame: pd.DataFrame) -> dict[str, list[str]]:
@@ -102,7 +99,7 @@ def with_pseudo_captions(dataset, path: str | os.PathLike):
     return dataset._replace(captions=pd.concat([refs, rows], ignore_index=True))
 
 
-def write_dataset_pseudo_captions(dataset, path: str | os.PathLike) -> Path:
+def write_dataset_pseudo_captions(dataset, path: str | os.PathLike) -> pd.DataFrame:
     """Write the dataset's own pseudo-captions (the built-in rule captioner's, or a user's
     `pseudo_captions.jsonl` loaded with a real dataset) as the `captions` stage's file."""
     rows = dataset.captions[dataset.captions["kind"] == "pseudo"][COLUMNS]

@@ -190,8 +190,8 @@ def load_dataset(folder: str | os.PathLike, *, verify_hashes: bool = True) -> Da
             raise DataFormatError(f"{path}: file listed in the manifest is missing")
         if verify_hashes and io.sha256_file(path) != digest:
             raise DataFormatError(f"{path}: content does not match the manifest's sha256 (corrupted or edited)")
-    items = _read_tsv(folder / "items.tsv", ITEM_COLUMNS, {"media_index": int})
-    captions = _read_tsv(folder / "captions.tsv", CAPTION_COLUMNS, {})
+    items = read_tsv(folder / "items.tsv", ITEM_COLUMNS, {"media_index": int})
+    captions = read_tsv(folder / "captions.tsv", CAPTION_COLUMNS, {})
     n = manifest["n_items"]
     if len(items) != n:
         raise DataFormatError(f"{folder / 'items.tsv'}: {len(items)} rows, manifest says n_items={n}")
@@ -233,7 +233,7 @@ def load_qrels(path: str | os.PathLike, dataset: Dataset | None = None, *, split
     if split not in QUERY_SPLITS:
         raise ValueError(f"split must be one of {QUERY_SPLITS}, got {split!r}")
     path = Path(path)
-    qrels = _read_tsv(path, QREL_COLUMNS, {})
+    qrels = read_tsv(path, QREL_COLUMNS, {})
     if dataset is not None:
         split_items = set(dataset.split_items(split)["item_id"])
         bad = ~qrels["item_id"].isin(split_items)
@@ -250,7 +250,9 @@ def load_qrels(path: str | os.PathLike, dataset: Dataset | None = None, *, split
     return qrels
 
 
-def _read_tsv(path: Path, columns: list[str], dtypes: dict) -> pd.DataFrame:
+def read_tsv(path: Path, columns: list[str], dtypes: dict) -> pd.DataFrame:
+    """A header-first TSV of the dataset formats: strings kept as written, `dtypes` cast, `columns` in order;
+    a missing file, a parse error, a missing column or a bad integer raises `DataFormatError` naming the file."""
     if not path.exists():
         raise DataFormatError(f"{path}: file not found")
     try:

@@ -79,8 +79,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> CaptionsS
         source, pseudo = "learned", pd.DataFrame(
             [(f"{i}#p{j}", i, t) for i, texts in zip(items["item_id"], out.captions) for j, t in enumerate(texts)],
             columns=cap_io.COLUMNS)
-    cap_io.write_pseudo_captions(cap_io.pseudo_captions_path(paths), pseudo, items=items)
-    pseudo = cap_io.read_pseudo_captions(cap_io.pseudo_captions_path(paths), items=items)
+    pseudo = cap_io.write_pseudo_captions(cap_io.pseudo_captions_path(paths), pseudo, items=items)
 
     metrics = {"learned_captioner": int(source == "learned"), "n_items": len(items),
                "n_pseudo_captions": len(pseudo), "n_items_without_pseudo": int((~items["item_id"].isin(pseudo["item_id"])).sum())}
