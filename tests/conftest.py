@@ -18,3 +18,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(tmp_path_factory):
+    """The whole pipeline at smoke scale, run once per session in a temporary git copy (tests/pipeline_repo.py)."""
+    from pipeline_repo import copy_repo, make_reproduce
+
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    proc = make_reproduce(repo)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return repo
