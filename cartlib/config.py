@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,8 +327,8 @@ def _check(obj: Any, where: str) -> None:
         bad = [t for t in obj.tasks if t not in TASKS]
         if bad or not obj.tasks:
             raise ConfigError(f"{where}.tasks: unknown task(s) {bad or '(empty)'}; expected a subset of {list(TASKS)}")
-        if obj.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"{where}.device: {obj.device!r} is not one of ['auto', 'cpu', 'cuda']")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", obj.device):
+            raise ConfigError(f"{where}.device: {obj.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:<index>'")
     if isinstance(obj, DataConfig):
         for name in ("n_train", "n_test", "n_captions", "chunk_size"):
             if getattr(obj, name) < 1:
@@ -434,10 +435,7 @@ def check_task(task: str, params: Params | None = None) -> str:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """``base.device`` → the torch device this process uses (:func:`cartlib.devices.resolve_device`)."""
+    from cartlib.devices import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("base.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return device
+    return resolve(device)
