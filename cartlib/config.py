@@ -122,6 +122,8 @@ class TrainConfig:
     max_length: int = 48  # tokens per query (captions are ~25 tokens)
     refs_per_item: int = 0  # reference captions per train item used for training (0 = all); fewer = faster
     max_train_items: int = 0  # train items used (0 = all; the test gallery's pseudo-captions always are)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16
+    nproc: int = 1  # data-parallel worker processes (torch.distributed; one GPU each on CUDA)
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,10 @@ def _check_train_eval(obj: Any, where: str) -> None:
         for name in ("refs_per_item", "max_train_items"):
             if getattr(obj, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be ≥ 0 (0 = all), got {getattr(obj, name)}")
+        if obj.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"{where}.precision: {obj.precision!r} is not one of 'auto', 'fp32', 'bf16'")
+        if obj.nproc < 1:
+            raise ConfigError(f"{where}.nproc: must be ≥ 1 (worker processes), got {obj.nproc}")
     if isinstance(obj, CompareConfig):
         bad = [x for x in obj.schemes if x not in SCHEMES]
         if bad:

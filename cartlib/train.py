@@ -33,13 +33,16 @@ from torch import Tensor
 
 from cartlib.cache_key import WeightsKey, weights_key
 from cartlib.decode import constrained_beam_search
+from cartlib.distributed import (all_reduce_grads, all_reduce_sum, backend_for, broadcast_parameters,
+                                 gather_objects, launch, rank_info, shard, share_weight, worker_device)
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.ids.vocab import Vocabulary
 from cartlib.io import torch_load, torch_save
 from cartlib.model.cart import CartModel, EncoderStates
 
-__all__ = ["ValidationSet", "TrainResult", "train_cart", "cart_loss", "LossParts", "CHECKPOINT_NAME", "EncodedTexts",
-           "length_bucketed_batches", "model_signature"]
+__all__ = ["ValidationSet", "TrainResult", "train_cart", "train_step", "TrainBatch", "autocast", "PRECISIONS",
+           "resolve_precision",
+           "cart_loss", "LossParts", "CHECKPOINT_NAME", "EncodedTexts", "length_bucketed_batches", "model_signature"]
 
 CHECKPOINT_NAME = "last.pt"
 _FORMAT = "cartlib.train.cart/v2"  # v2: keyed by a cache_key.WeightsKey (v1 checkpoints are stale)
@@ -120,6 +123,9 @@ def train_cart(
     resume: bool = False,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     key: WeightsKey | None = None,
+    precision: str = "fp32",
+    nproc: int = 1,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train ``model`` to generate identifier ``codes[i] (L,)`` from ``texts[i]`` (CART).
 
@@ -131,10 +137,20 @@ def train_cart(
     line says what differed, and the next save overwrites it). ``key``: what identifies this run's
     weights (:func:`cartlib.cache_key.run_key` in the stages, covering the whole TrainConfig); by
     default a key of this function's arguments, the model's architecture, the data and the
-    training code. ``on_epoch_end(epoch, record)`` runs after the checkpoint is written.
+    training code. ``on_epoch_end(epoch, record)`` runs after the checkpoint is written (with
+    ``nproc > 1``: in this process, for each epoch's record, after the workers finish).
 
-    Seeds torch, numpy and python's ``random`` from ``seed`` (like HF ``set_seed``). A frozen
-    encoder's weights are not stored in the checkpoint: resume with the same encoder.
+    ``precision``: ``fp32``, or ``bf16`` (autocast of the forward pass to bfloat16; weights,
+    gradients and optimizer state stay fp32). ``nproc``: data-parallel worker processes
+    (:mod:`cartlib.distributed`): each takes its share of every global batch of ``batch_size``,
+    gradients are summed, rank 0 writes the checkpoint; this process waits and returns the
+    result. Inside an existing process group (torchrun) the group's ranks are the workers.
+    ``stop_after``: train at most that many more epochs in this call, leaving a resumable
+    checkpoint (a time-boxed session; the schedule stays the one of ``epochs``).
+
+    Seeds torch, numpy and python's ``random`` from ``seed`` (rank r > 0 draws its dropout from
+    ``seed + r``). A frozen encoder's weights are not stored in the checkpoint: resume with the
+    same encoder.
     """
     codes = torch.as_tensor(codes).long().cpu()
     q = len(texts)
@@ -148,90 +164,312 @@ def train_cart(
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs a checkpoint_dir")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1 or None, got {stop_after}")
     Vocabulary(level_sizes=model.level_sizes).check_codes(codes.numpy())  # codes inside the vocabulary
+    in_group = rank_info().world > 1
+    if in_group and rank_info().world != nproc:
+        raise ValueError(f"running in a process group of {rank_info().world} ranks but nproc={nproc}")
     if key is None:
         settings = {"train_cart": {
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "warmup_ratio": warmup_ratio, "grad_clip": grad_clip, "consistency_weight": consistency_weight,
-            "seed": seed, "max_length": max_length, "val_beam": val_beam}, "model": model_signature(model)}
+            "seed": seed, "max_length": max_length, "val_beam": val_beam, "precision": precision, "nproc": nproc},
+            "model": model_signature(model)}
         key = weights_key(settings=settings, texts=texts, targets=codes, val=val)
-    device = model.device
+    schedule = _Schedule(epochs, batch_size, lr, weight_decay, warmup_ratio, grad_clip, consistency_weight, seed,
+                         val_beam, val_batch_size, precision)
+    if nproc > 1 and not in_group:
+        return _train_in_workers(model, tokenizer, texts, codes, max_length, val, schedule, key=key,
+                                 checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                                 on_epoch_end=on_epoch_end, stop_after=stop_after, nproc=nproc)
+    if in_group:  # a torchrun launch: every rank built its own model; start from rank 0's
+        broadcast_parameters(model)
+    data = _prepare(model, tokenizer, texts, codes, max_length, val, progress=progress and rank_info().is_main)
+    ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+    history = _fit(model, data, schedule, key=key, ckpt_path=ckpt_path, resume=resume, progress=progress,
+                   on_epoch_end=on_epoch_end, stop_after=stop_after)
+    return TrainResult(model=model, history=history)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``train.precision`` → what runs: ``auto`` is bf16 autocast on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+class _Schedule(NamedTuple):
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float
+    consistency_weight: float
+    seed: int
+    val_beam: int
+    val_batch_size: int
+    precision: str
+
+
+class _Prepared(NamedTuple):
+    """Everything the epochs read, computed once (and shipped to the workers with ``nproc > 1``)."""
+
+    ids: Tensor  # (Q, T) token ids, CPU
+    mask: Tensor  # (Q, T)
+    codes: Tensor  # (Q, L) targets
+    states: "EncodedTexts | None"  # a frozen encoder's states of every text, computed once
+    val: ValidationSet | None
+    val_ids: Tensor | None
+    val_mask: Tensor | None
+
+
+def _prepare(model: CartModel, tokenizer: Any, texts: Sequence[str], codes: Tensor, max_length: int,
+             val: ValidationSet | tuple | None, *, progress: bool) -> _Prepared:
     ids, mask = _tokenize(tokenizer, texts, max_length)  # pretokenised once, (Q, T) on the CPU
-    lengths = mask.sum(1)
     # a frozen encoder gives every text the same states in every epoch: compute them once
     states = EncodedTexts.build(model, ids, mask, progress=progress) if model.freeze_encoder else None
+    val_ids = val_mask = None
     if val is not None:
         val = ValidationSet(*val)
         val_ids, val_mask = _tokenize(tokenizer, val.texts, max_length)
+    return _Prepared(ids, mask, codes, states, val, val_ids, val_mask)
+
+
+class TrainBatch(NamedTuple):
+    """One (share of a) batch: token ids and mask (unused when ``encoded`` is given), targets, and
+    the frozen encoder's states when they were computed beforehand."""
+
+    input_ids: Tensor | None
+    attention_mask: Tensor | None
+    codes: Tensor
+    encoded: EncoderStates | None = None
+
+
+def autocast(device: torch.device | str, precision: str):
+    """The forward pass's autocast: bfloat16 for ``bf16`` (on CUDA and, for the tests, on the CPU), none for ``fp32``."""
+    device = torch.device(device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_step(model: CartModel, optimizer: torch.optim.Optimizer, scheduler: Any, batch: TrainBatch, *,
+               consistency_weight: float, grad_clip: float, precision: str = "fp32", grad_weight: float = 1.0,
+               reduce_grads: Callable[[list[torch.nn.Parameter]], None] | None = None) -> Tensor:
+    """One optimizer step on ``batch``: forward (under :func:`autocast`), backward, ``reduce_grads``
+    (the data-parallel all-reduce), clipping, AdamW and scheduler steps.
+
+    ``grad_weight``: the factor of this batch's mean loss in the gradient (a rank's share of the
+    global batch). Returns a detached float32 (4,) tensor on the model's device (no host sync): the
+    batch's (loss, ce, kl) and the gradient's global norm before clipping (the same on every rank).
+    An empty share (``codes`` with 0 rows) only joins the all-reduce."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    if batch.codes.shape[0]:
+        with autocast(model.device, precision):
+            parts = cart_loss(model, batch.input_ids, batch.attention_mask, batch.codes,
+                              consistency_weight=consistency_weight, encoded=batch.encoded)
+        (parts.loss if grad_weight == 1.0 else parts.loss * grad_weight).backward()
+        vals = torch.stack([p.detach().float() for p in parts])
+    else:
+        vals = torch.zeros(3, device=model.device)
+    if reduce_grads is not None:
+        reduce_grads(trainable)
+    # max_norm inf: only measures (scales by exactly 1); the norm shows the all-reduce summed the right gradient
+    norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    return torch.cat([vals, norm.detach().float().reshape(1).to(vals.device)])
+
+
+def _fit(model: CartModel, data: _Prepared, s: _Schedule, *, key: WeightsKey, ckpt_path: Path | None, resume: bool,
+         progress: bool, on_epoch_end: Callable[[int, dict[str, float]], None] | None,
+         stop_after: int | None) -> list[dict[str, float]]:
+    """The epochs, on this process's rank (the whole batch when alone)."""
+    info = rank_info()
+    progress = progress and info.is_main
+    device = model.device
+    q = len(data.ids)
+    lengths = data.mask.sum(1)
+    ids, mask, codes = data.ids, data.mask, data.codes
+    if device.type == "cuda":  # pinned host memory: the per-batch copies run asynchronously
+        ids, mask, codes = ids.pin_memory(), mask.pin_memory(), codes.pin_memory()
+    states = None if data.states is None else data.states.to_device_if_fits(device)
+    val = data.val
+    if val is not None:
         val_index = val.prefix_index.to(device)
         val_items = torch.as_tensor(val.items).long().reshape(len(val.texts), -1).to(device)  # (Q_val, R)
-        val_beam = max(1, min(val_beam, val_index.n_items))
+        val_beam = max(1, min(s.val_beam, val_index.n_items))
 
-    steps_per_epoch = math.ceil(q / batch_size)
-    total_steps = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps, warmup_ratio))
+    steps_per_epoch = math.ceil(q / s.batch_size)
+    total_steps = s.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps, s.warmup_ratio))
 
     start_epoch, history = 0, []
-    ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     restored = _restore(ckpt_path, model, optimizer, scheduler, key) if resume and ckpt_path.exists() else None
     if restored is not None:
         start_epoch, history = restored
     else:
-        _seed_everything(seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        _seed_everything(s.seed + info.rank)
+    reduce = all_reduce_grads if info.world > 1 else None
+    last_epoch = s.epochs if stop_after is None else min(s.epochs, start_epoch + stop_after)
 
     from tqdm.auto import tqdm  # progress bars only; imported late to keep the module light
 
-    epoch_bar = tqdm(range(start_epoch, epochs), desc="train CART", disable=not progress, initial=start_epoch, total=epochs)
+    epoch_bar = tqdm(range(start_epoch, last_epoch), desc="train CART", disable=not progress, initial=start_epoch,
+                     total=s.epochs)
     for epoch in epoch_bar:
         t0 = time.perf_counter()
         model.train()
-        batches = length_bucketed_batches(lengths, batch_size, seed=seed + epoch)
-        sums = torch.zeros(3, dtype=torch.float64)
+        batches = length_bucketed_batches(lengths, s.batch_size, seed=s.seed + epoch)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        norms = torch.zeros((), dtype=torch.float64, device=device)
         batch_bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
-        for idx in batch_bar:
-            width = int(lengths[idx].max())  # trim the batch to its longest text
-            parts = cart_loss(
-                model,
-                ids[idx, :width].to(device),
-                mask[idx, :width].to(device),
-                codes[idx].to(device),
-                consistency_weight=consistency_weight,
-                encoded=None if states is None else states.batch(idx, device),
-            )
-            optimizer.zero_grad(set_to_none=True)
-            parts.loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-            optimizer.step()
-            scheduler.step()
-            vals = torch.stack([p.detach().double().cpu() for p in parts])
-            sums += vals * idx.numel()
-            batch_bar.set_postfix(loss=f"{float(vals[0]):.4f}")
+        for step, global_idx in enumerate(batch_bar):
+            idx = shard(global_idx, info)  # this rank's share of the global batch
+            n = idx.numel()
+            if n:
+                width = int(lengths[idx].max())  # trim the share to its longest text
+                batch = TrainBatch(ids[idx, :width].to(device, non_blocking=True),
+                                   mask[idx, :width].to(device, non_blocking=True),
+                                   codes[idx].to(device, non_blocking=True),
+                                   None if states is None else states.batch(idx, device))
+            else:
+                batch = TrainBatch(None, None, codes[:0].to(device))
+            vals = train_step(model, optimizer, scheduler, batch, consistency_weight=s.consistency_weight,
+                              grad_clip=s.grad_clip, precision=s.precision,
+                              grad_weight=share_weight(n, global_idx.numel()) if info.world > 1 else 1.0,
+                              reduce_grads=reduce)
+            sums += vals[:3].double() * n
+            norms += vals[3].double()
+            if progress and step % 25 == 0:  # reading the loss waits for the device: not every step
+                batch_bar.set_postfix(loss=f"{float(vals[0]):.4f}")
         batch_bar.close()
-        mean = (sums / q).tolist()
+        mean = (all_reduce_sum(sums) / q).tolist()
         record = {
             "epoch": epoch + 1,
             "loss": mean[0],
             "ce": mean[1],
             "kl": mean[2],
             "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(norms) / len(batches),  # mean over the steps, before clipping
             "seconds": time.perf_counter() - t0,
         }
         if val is not None:
             record["val_recall_at_1"] = _recall_at_1(
-                model, val_ids, val_mask, val_items, val_index, beam=val_beam, batch_size=val_batch_size
+                model, data.val_ids, data.val_mask, val_items, val_index, beam=val_beam, batch_size=s.val_batch_size
             )
         history.append(record)
         epoch_bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_recall_at_1") if k in record})
-        if ckpt_path is not None:
-            _save(ckpt_path, model, optimizer, scheduler, epoch + 1, history, key)
+        rng = gather_objects(_rng_state())  # every rank's RNG state, so a resumed run draws the same dropout
+        if ckpt_path is not None and info.is_main:
+            _save(ckpt_path, model, optimizer, scheduler, epoch + 1, history, key, rng)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     epoch_bar.close()
     model.eval()
+    return history
+
+
+class _ModelSpec(NamedTuple):
+    """A CartModel as constructor arguments + weights: what a worker process rebuilds it from (the
+    module itself does not pickle: transformers installs closures as forward hooks)."""
+
+    encoder_class: type
+    encoder_config: Any
+    kwargs: dict[str, Any]
+    state: dict[str, Tensor]  # on the CPU (shared memory on the way to the workers)
+
+    @classmethod
+    def of(cls, model: CartModel) -> "_ModelSpec":
+        kwargs = dict(freeze_encoder=model.freeze_encoder, level_sizes=model.level_sizes, d_model=model.d_model,
+                      n_layers=len(model.layers), n_heads=model.n_heads, dropout=float(model.emb_drop.p),
+                      fusion=model.fusion_mode, d_ff=model.layers[0].ff[0].out_features if len(model.layers) else None)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return cls(type(model.encoder), model.encoder.config, kwargs, state)
+
+    def build(self) -> CartModel:
+        model = CartModel(text_encoder=self.encoder_class(self.encoder_config), **self.kwargs)
+        model.load_state_dict(self.state)  # strict: the rebuilt architecture must be the same
+        return model
+
+
+class _WorkerJob(NamedTuple):
+    model: _ModelSpec  # each worker rebuilds the model and moves it to its device
+    data: _Prepared
+    schedule: _Schedule
+    key: WeightsKey
+    ckpt_path: Path
+    resume: bool
+    progress: bool
+    stop_after: int | None
+    device: str  # the device the caller trains on (cuda → one GPU per worker)
+
+
+def _worker(job: _WorkerJob) -> list[dict[str, float]] | None:
+    """One data-parallel rank (a process started by :func:`cartlib.distributed.launch`)."""
+    import torch.distributed as dist
+
+    device = worker_device(torch.device(job.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device))
+    try:
+        model = job.model.build().to(device)
+        broadcast_parameters(model)
+        history = _fit(model, job.data, job.schedule, key=job.key, ckpt_path=job.ckpt_path, resume=job.resume,
+                       progress=job.progress, on_epoch_end=None, stop_after=job.stop_after)
+        is_main = rank_info().is_main
+    finally:
+        dist.destroy_process_group()
+    return history if is_main else None
+
+
+def _train_in_workers(model: CartModel, tokenizer: Any, texts: Sequence[str], codes: Tensor, max_length: int,
+                      val: ValidationSet | tuple | None, s: _Schedule, *, key: WeightsKey,
+                      checkpoint_dir: Path | str | None, resume: bool, progress: bool,
+                      on_epoch_end: Callable[[int, dict[str, float]], None] | None, stop_after: int | None,
+                      nproc: int) -> TrainResult:
+    """``nproc`` local workers train; rank 0's checkpoint brings the weights and history back."""
+    import tempfile
+
+    device = model.device
+    with tempfile.TemporaryDirectory(prefix="cart-train-") as tmp:
+        ckpt_path = Path(checkpoint_dir if checkpoint_dir is not None else tmp) / CHECKPOINT_NAME
+        done = _finished_checkpoint(ckpt_path, key, s.epochs) if resume and ckpt_path.exists() else None
+        if done is None:  # a finished run (e.g. by torchrun on a cluster) is only loaded, never relaunched
+            data = _prepare(model, tokenizer, texts, codes, max_length, val, progress=progress)
+            job = _WorkerJob(_ModelSpec.of(model), data, s, key, ckpt_path, resume, progress, stop_after, str(device))
+            launch(_worker, job, nproc=nproc)
+            done = torch_load(ckpt_path)
+        model.load_state_dict(done["model"], strict=False)
+        history = list(done["history"])
+    model.to(device).eval()
+    if on_epoch_end is not None:
+        for record in history:
+            on_epoch_end(record["epoch"], record)
     return TrainResult(model=model, history=history)
+
+
+def _finished_checkpoint(path: Path, key: WeightsKey, epochs: int) -> dict | None:
+    """The checkpoint at ``path`` when it was written under ``key`` and holds all ``epochs``; else None."""
+    try:
+        ck = torch_load(path)
+    except ValueError:
+        return None
+    if not isinstance(ck, dict) or ck.get("format") != _FORMAT or key.stale_reason(ck.get("key")) is not None:
+        return None
+    return ck if int(ck["epoch"]) >= epochs else None
 
 
 class EncodedTexts(NamedTuple):
@@ -260,14 +498,30 @@ class EncodedTexts(NamedTuple):
                 flat[rows] = layers
         return cls(flat, offsets, lengths)
 
+    def to_device_if_fits(self, device: torch.device | str, *, fraction: float = 0.25) -> "EncodedTexts":
+        """The states on ``device`` when they take under ``fraction`` of its free memory (a GPU:
+        no host-to-device copy per batch), else unchanged on the CPU."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return self
+        free, _ = torch.cuda.mem_get_info(device)
+        if self.flat.numel() * self.flat.element_size() > fraction * free:
+            return self
+        return self._replace(flat=self.flat.to(device))
+
     def batch(self, idx: Tensor, device: torch.device | str) -> EncoderStates:
         """The states of texts ``idx`` padded to the longest: ``layers (S, B, T, D)`` float32."""
+        device = torch.device(device)
         width = int(self.lengths[idx].max())
         pos = torch.arange(width)
         valid = pos < self.lengths[idx, None]  # (B, T)
         rows = torch.where(valid, self.offsets[idx, None] + pos, 0)
-        layers = self.flat[rows].to(device, torch.float32).permute(2, 0, 1, 3)  # (S, B, T, D)
-        return EncoderStates(layers * valid.to(device)[None, :, :, None], valid.to(device))
+        layers = self.flat[rows.to(self.flat.device)]
+        if layers.device != device and device.type == "cuda":  # pinned: the copy overlaps the GPU's work
+            layers = layers.pin_memory()
+        layers = layers.to(device, torch.float32, non_blocking=True).permute(2, 0, 1, 3)  # (S, B, T, D)
+        valid = valid.to(device, non_blocking=True)
+        return EncoderStates(layers * valid[None, :, :, None], valid)
 
 
 def length_bucketed_batches(lengths: Tensor, batch_size: int, *, seed: int, window: int = 50) -> list[Tensor]:
@@ -317,18 +571,22 @@ def _warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], flo
 def _recall_at_1(
     model: CartModel, ids: Tensor, mask: Tensor, items: Tensor, index: PrefixIndex, *, beam: int, batch_size: int
 ) -> float:
+    """Validation recall@1; with several ranks each decodes every ``world``-th query and the hits are summed."""
     model.eval()
-    hits = 0
+    info = rank_info()
+    mine = torch.arange(info.rank, ids.shape[0], info.world)
+    hits = torch.zeros((), dtype=torch.float64, device=model.device)
     with torch.no_grad():
-        for lo in range(0, ids.shape[0], batch_size):
-            m = mask[lo : lo + batch_size]
+        for lo in range(0, len(mine), batch_size):
+            rows = mine[lo : lo + batch_size]
+            m = mask[rows]
             width = int(m.sum(1).max())
-            enc = model.encode(ids[lo : lo + batch_size, :width].to(model.device), m[:, :width].to(model.device))
+            enc = model.encode(ids[rows, :width].to(model.device), m[:, :width].to(model.device))
             out = constrained_beam_search(model, enc, index, beam=beam, top_k=1)
             top = out.items[:, :1]  # (B, 1); -1 never matches a relevant row
-            hits += int(((top == items[lo : lo + batch_size]) & (top >= 0)).any(1).sum())
+            hits += ((top == items[rows.to(items.device)]) & (top >= 0)).any(1).sum()
     model.train()
-    return hits / ids.shape[0]
+    return float(all_reduce_sum(hits)) / ids.shape[0]
 
 
 def _seed_everything(seed: int) -> None:
@@ -374,7 +632,8 @@ def model_signature(model: CartModel) -> dict[str, Any]:
     }
 
 
-def _save(path: Path, model, optimizer, scheduler, epoch: int, history, key: WeightsKey) -> None:
+def _save(path: Path, model, optimizer, scheduler, epoch: int, history, key: WeightsKey,
+          rng_ranks: list[dict[str, Any]]) -> None:
     torch_save(
         {
             "format": _FORMAT,
@@ -383,7 +642,8 @@ def _save(path: Path, model, optimizer, scheduler, epoch: int, history, key: Wei
             "frozen_encoder": model.freeze_encoder,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_ranks[0],
+            "rng_ranks": rng_ranks,  # one per data-parallel rank
             "history": history,
             "key": key.as_dict(),
         },
@@ -415,5 +675,9 @@ def _restore(path: Path, model, optimizer, scheduler, key: WeightsKey) -> tuple[
         raise ValueError(f"{path}: model weights do not fit (missing {missing[:5]}, unexpected {unexpected[:5]})")
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
-    _set_rng_state(ck["rng"])
+    info = rank_info()
+    ranks = ck.get("rng_ranks") or [ck["rng"]]
+    if len(ranks) != info.world:  # the key holds the process count, so only a corrupted file gets here
+        raise ValueError(f"{path}: checkpoint of {len(ranks)} rank(s) resumed by {info.world}")
+    _set_rng_state(ranks[info.rank])
     return int(ck["epoch"]), list(ck["history"])

@@ -53,6 +53,8 @@ def copy_repo(dest: Path, *, scale: str = "smoke") -> Path:
     # every stage runs, not every row: two schemes, four ablation rows (a training, a cache hit, new ids)
     params["compare"]["schemes"] = ["cart", "atomic"]
     params["ablations"]["rows"] = {k: params["ablations"]["rows"][k] for k in ("full", "no_fusion", "k_16", "beam_5")}
+    # and one row trains with 2 data-parallel processes: the stage → notebook → workers path
+    params["ablations"]["rows"]["no_fusion"] = {"train": {"fusion": False, "nproc": 2}}
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], dest)
     _run(["git", "add", "-A"], dest)

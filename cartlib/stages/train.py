@@ -26,7 +26,7 @@ from cartlib.ids.prefix import PrefixIndex
 from cartlib.model.cart import CartModel
 from cartlib.paths import TaskPaths
 from cartlib.results import publish
-from cartlib.train import ValidationSet, train_cart
+from cartlib.train import ValidationSet, resolve_precision, train_cart
 
 
 class TrainingPairs(NamedTuple):
@@ -143,8 +143,13 @@ def load_bundle(path, *, table: IdentifierTable, device: str = "cpu",
 
 
 def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str | None = None,
-        cfg: TrainConfig | None = None, out_name: str = "cart.pt", publish_results: bool = True) -> TrainStageResult:
-    """Train on `scheme`'s identifiers (default: identifiers.scheme) with `cfg` (default: params.train)."""
+        cfg: TrainConfig | None = None, out_name: str = "cart.pt", publish_results: bool = True,
+        train_only: bool = False) -> TrainStageResult | None:
+    """Train on `scheme`'s identifiers (default: identifiers.scheme) with `cfg` (default: params.train).
+
+    ``train.nproc`` > 1: data-parallel workers (:mod:`cartlib.distributed`) train, this process
+    writes the results. ``train_only``: stop after training (the resumable checkpoint is written;
+    a rank of a torchrun launch, ``python -m cartlib.distributed``) and return None."""
     check_task(paths.task, params)
     cfg = cfg or params.train
     device = resolve_device(params.base.device)
@@ -170,7 +175,10 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
                         batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
                         consistency_weight=cfg.consistency_weight, seed=params.base.seed, max_length=cfg.max_length,
-                        checkpoint_dir=ckpt_dir, progress=progress, val=val, resume=True, key=key)
+                        checkpoint_dir=ckpt_dir, progress=progress, val=val, resume=True, key=key,
+                        precision=resolve_precision(cfg.precision, device), nproc=cfg.nproc)
+    if train_only:
+        return None
     save_bundle(paths.models / out_name, model=result.model, cfg=cfg, table=table, history=result.history, key=key)
     history = pd.DataFrame(result.history)
     last = result.history[-1]

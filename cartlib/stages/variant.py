@@ -40,7 +40,7 @@ from cartlib.ids.vocab import Vocabulary
 from cartlib.paths import TaskPaths
 from cartlib.stages.evaluate import rank_queries
 from cartlib.stages.train import build_model, load_bundle, save_bundle, training_pairs
-from cartlib.train import train_cart
+from cartlib.train import resolve_precision, train_cart
 
 # identifier settings that change the table itself (scheme aside); anything else is training-only
 _STRUCTURE = ("n_clusters", "n_levels", "codebook_size", "latent_dim", "hidden_dim", "epochs", "lr", "beta",
@@ -124,7 +124,8 @@ def trained_model(cfg: TrainConfig, *, table: IdentifierTable, texts: list[str],
                         batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
                         consistency_weight=cfg.consistency_weight, seed=seed, max_length=cfg.max_length,
-                        checkpoint_dir=None, progress=progress, key=key)
+                        checkpoint_dir=None, progress=progress, key=key,
+                        precision=resolve_precision(cfg.precision, device), nproc=cfg.nproc)
     save_bundle(path, model=result.model, cfg=cfg, table=table, history=result.history, key=key)
     return TrainedVariant(tokenizer, result.model, result.history, key, False)
 
