@@ -113,7 +113,8 @@ class TrainConfig:
     n_layers: int = 2  # decoder layers (the paper's decoder is "compact")
     n_heads: int = 4
     dropout: float = 0.1
-    epochs: int = 3
+    epochs: int = 3  # the most epochs trained (the learning-rate schedule spans them all)
+    patience: int = 0  # stop after this many epochs without a better validation recall@1 (0 = never)
     batch_size: int = 128
     lr: float = 0.001
     weight_decay: float = 0.01
@@ -392,6 +393,8 @@ def _check_train_eval(obj: Any, where: str) -> None:
                 raise ConfigError(f"{where}.{name}: must be ≥ 0 (0 = all), got {getattr(obj, name)}")
         if obj.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"{where}.precision: {obj.precision!r} is not one of 'auto', 'fp32', 'bf16'")
+        if obj.patience < 0:
+            raise ConfigError(f"{where}.patience: must be ≥ 0 (0 = train every epoch), got {obj.patience}")
         if obj.nproc < 1:
             raise ConfigError(f"{where}.nproc: must be ≥ 1 (worker processes), got {obj.nproc}")
     if isinstance(obj, CompareConfig):

@@ -28,11 +28,26 @@ maths; the tests hold it to a plain reference search and to :func:`exhaustive_sc
   α-mixing is folded into its output projection once (the model refolds it at every step);
 - beams of a query share its encoder-side keys/values as one query sequence (no copy per beam),
   and those keys/values are computed for real tokens only when much of the batch is padding.
+
+Precision (:class:`Precision`): the decoder's matmuls run in the decoder's compute dtype (fp32,
+fp16 or bf16; by default the model's own dtype, so fp32 on a CPU is exact and unchanged); the
+weights are cast once when the decoder is built (the model is not touched) and the encoder states
+once per search. The softmaxes, the per-level log-probabilities and the accumulated beam scores are
+float32 whatever the compute dtype, so scores of an fp16 search compare with an fp32 one.
+:func:`default_precision` is the suite's choice: fp16 on CUDA, fp32 elsewhere.
+
+Host syncs: the only one per search is in :meth:`BeamDecoder.memory` (counting the real encoder
+tokens to decide on packing, before the level loop); the level loop itself has no ``.item()``,
+no Python branch on a tensor value and no op with a data-dependent output shape
+(``tests/test_decode.py`` checks this with a dispatch-level op recorder), so a GPU queues all
+levels without waiting. ``compile_step`` wraps the per-level step in ``torch.compile`` (an option
+that ``scripts/gpu_check.py`` measures on against off; not the default).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from enum import Enum
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +58,40 @@ from cartlib.model.cart import BOS, CartModel, EncoderStates
 from cartlib.model.fusion import KV
 
 __all__ = [
-    "GenerationOutput", "LevelState", "BeamDecoder", "decoder_for",
+    "Precision", "default_precision", "GenerationOutput", "LevelState", "BeamDecoder", "decoder_for",
     "constrained_beam_search", "unconstrained_beam_search", "exhaustive_scores",
 ]
+
+
+class Precision(str, Enum):
+    """Compute dtype of the decoder's matmuls (scores are accumulated in float32 in every case)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+
+    @classmethod
+    def of(cls, value: "Precision | str | torch.dtype") -> "Precision":
+        """A :class:`Precision` from itself, its name (``"fp16"``) or a torch dtype."""
+        if isinstance(value, torch.dtype):
+            for p in cls:
+                if p.dtype == value:
+                    return p
+            raise ValueError(f"no decoding precision for dtype {value}; choose one of {[p.value for p in cls]}")
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown decoding precision {value!r}; choose one of {[p.value for p in cls]}") from None
+
+
+def default_precision(device: torch.device | str) -> Precision:
+    """The suite's decoding precision on ``device``: fp16 on CUDA (tensor cores; scores stay float32),
+    fp32 elsewhere (exact; CPU half-precision matmuls are not faster on most CPUs)."""
+    return Precision.FP16 if torch.device(device).type == "cuda" else Precision.FP32
 
 
 class GenerationOutput(NamedTuple):
@@ -77,6 +123,16 @@ class LevelState(NamedTuple):
         return live & ~self.allowed
 
 
+class _MemoryWeights(NamedTuple):
+    """Encoder-side projections of one decoder layer's cross-attentions (compute dtype)."""
+
+    coarse_proj: tuple[Tensor, Tensor] | None  # W_z, b_z of the coarse branch (None: no coarse branch)
+    first_k: tuple[Tensor, Tensor] | None  # keys/values of the first branch (coarse or last-layer); None: none
+    first_v: tuple[Tensor, Tensor] | None
+    fine_k: tuple[Tensor, Tensor] | None  # (S, D, De), (S, D) stacked experts; None: no fine branch
+    fine_v: tuple[Tensor, Tensor] | None
+
+
 class _LayerWeights(NamedTuple):
     ln_self: tuple
     qkv: tuple[Tensor, Tensor]
@@ -92,12 +148,16 @@ class _LayerWeights(NamedTuple):
     ff2: tuple[Tensor, Tensor]
 
 
-def _ln(m) -> tuple:
-    return (m.normalized_shape, m.weight, m.bias, m.eps)
+def _ln(m, dtype: torch.dtype) -> tuple:
+    return (m.normalized_shape, m.weight.to(dtype), m.bias.to(dtype), m.eps)
 
 
-def _lin(m) -> tuple[Tensor, Tensor]:
-    return (m.weight, m.bias)
+def _lin(m, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return (m.weight.to(dtype), m.bias.to(dtype))
+
+
+def _pair(w: Tensor, b: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return (w.to(dtype).contiguous(), b.to(dtype).contiguous())
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
@@ -118,13 +178,19 @@ class BeamDecoder:
 
     PACK_BELOW = 0.9  # pack the encoder-side keys/values when real tokens fill less than this share
 
-    def __init__(self, model: CartModel) -> None:
+    def __init__(self, model: CartModel, *, precision: Precision | str | torch.dtype | None = None,
+                 compile_step: bool | Mapping[str, Any] = False) -> None:
+        """``precision``: compute dtype of the decoder (default: the model's own dtype; see the
+        module docstring). ``compile_step``: wrap :meth:`step` in ``torch.compile`` (True, or a dict
+        of its keyword arguments, e.g. ``{"mode": "reduce-overhead"}``); off by default."""
         if model.training:
             raise ValueError("beam search needs the model in eval mode (model.eval())")
         self.model = model
+        self.precision = Precision.of(model.head.weight.dtype if precision is None else precision)
+        dt = self.dtype = self.precision.dtype
         self.n_heads = model.n_heads
         d = model.d_model
-        layers = []
+        layers, mem = [], []
         with torch.no_grad():
             for layer in model.layers:
                 fu = layer.fusion
@@ -135,68 +201,92 @@ class BeamDecoder:
                 if first is not None:
                     qw.append(first.q_proj.weight)
                     qb.append(first.q_proj.bias)
-                    first_out, n_first = _lin(first.out_proj), self.n_heads
+                    first_out, n_first = _lin(first.out_proj, dt), self.n_heads
                     if fu.coarse_gate is not None and first is fu.coarse_attn:
-                        gate = _lin(fu.coarse_gate)
+                        gate = _lin(fu.coarse_gate, dt)
                 if fu.fine is not None:
                     s = fu.fine.n_layers
                     qw.append(fu.fine.q_weight.reshape(s * d, d))
                     qb.append(fu.fine.q_bias.reshape(s * d))
-                    alpha = fu.fine.alpha()  # (S, D)
-                    fine_out = ((alpha[:, :, None] * fu.fine.o_weight).permute(1, 0, 2).reshape(d, s * d).contiguous(),
-                                (alpha * fu.fine.o_bias).sum(0))
+                    alpha = fu.fine.alpha()  # (S, D), folded in the model's dtype, then cast
+                    fine_out = _pair((alpha[:, :, None] * fu.fine.o_weight).permute(1, 0, 2).reshape(d, s * d),
+                                     (alpha * fu.fine.o_bias).sum(0), dt)
                 layers.append(_LayerWeights(
-                    ln_self=_ln(layer.ln_self), qkv=_lin(layer.self_attn.qkv), self_out=_lin(layer.self_attn.out_proj),
-                    ln_cross=_ln(layer.ln_cross), q=(torch.cat(qw).contiguous(), torch.cat(qb).contiguous()),
-                    n_first=n_first, first_out=first_out, gate=gate, fine_out=fine_out, ln_ff=_ln(layer.ln_ff),
-                    ff1=_lin(layer.ff[0]), ff2=_lin(layer.ff[2])))
+                    ln_self=_ln(layer.ln_self, dt), qkv=_lin(layer.self_attn.qkv, dt),
+                    self_out=_lin(layer.self_attn.out_proj, dt), ln_cross=_ln(layer.ln_cross, dt),
+                    q=_pair(torch.cat(qw), torch.cat(qb), dt), n_first=n_first, first_out=first_out, gate=gate,
+                    fine_out=fine_out, ln_ff=_ln(layer.ln_ff, dt), ff1=_lin(layer.ff[0], dt),
+                    ff2=_lin(layer.ff[2], dt)))
+                mem.append(_MemoryWeights(
+                    coarse_proj=_lin(fu.coarse_proj, dt) if fu.coarse_attn is not None else None,
+                    first_k=_lin(first.k_proj, dt) if first is not None else None,
+                    first_v=_lin(first.v_proj, dt) if first is not None else None,
+                    fine_k=(fu.fine.k_weight.to(dt), fu.fine.k_bias.to(dt)) if fu.fine is not None else None,
+                    fine_v=(fu.fine.v_weight.to(dt), fu.fine.v_bias.to(dt)) if fu.fine is not None else None))
+            self.tok_emb = model.tok_emb.weight.to(dt)
+            self.pos_emb = model.pos_emb.weight.to(dt)
+            self.heads = tuple(_pair(model.head.weight[lo:lo + k], model.head.bias[lo:lo + k], dt)
+                               for lo, k in zip(model.offsets, model.level_sizes))  # one slice per level
         self.layers = tuple(layers)
-        self.ln_f = _ln(model.ln_f)
+        self.mem_layers = tuple(mem)
+        self.ln_f = _ln(model.ln_f, dt)
+        self.compiled = bool(compile_step)
+        if compile_step:
+            opts = dict(compile_step) if isinstance(compile_step, Mapping) else {}
+            self._step = torch.compile(self.step, **opts)
+        else:
+            self._step = self.step
 
     # ------------------------------------------------------------------ encoder side
     def memory(self, encoded: EncoderStates) -> tuple[tuple, Tensor]:
         """Encoder-side keys/values per layer ``(first branch KV | None, fine KV | None)`` and the
-        additive mask ``(B, 1, 1, T)`` (0 = token, -inf = padding).
+        additive mask ``(B, 1, 1, T)`` (0 = token, -inf = padding), in the compute dtype.
 
         A batch pads every query to its longest, and the keys/values of padding are masked out
         anyway; when real tokens fill less than :attr:`PACK_BELOW` of the batch, they are computed
         for the real tokens only and scattered into zeros, which the mask hides the same way. With
         caption-like queries this roughly halves the encoder-side cost at batch 100."""
+        dt = self.dtype
+        layers = encoded.layers.to(dt)  # (S, B, T, De); a no-op in the model's own dtype
         mask = encoded.mask.bool()
-        bias = torch.zeros(mask.shape, dtype=encoded.layers.dtype, device=mask.device).masked_fill(~mask, -math.inf)
-        s, b, t, de = encoded.layers.shape
-        real = mask.reshape(-1).nonzero().squeeze(1)  # (M,) one host sync per search, outside the level loop
-        if real.numel() >= self.PACK_BELOW * b * t:
-            mem = self.model.memory(encoded)
-            kv = tuple((m.last if m.last is not None else m.coarse, m.fine) for m in mem.layers)
-            return kv, bias[:, None, None, :]
-        packed = encoded.layers.reshape(s, b * t, de).index_select(1, real)  # (S, M, De)
-        rows, cols = real // t, real % t  # each real token's query and position
+        bias = torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill(~mask, -math.inf)
+        s, b, t, de = layers.shape
         h = self.n_heads
+        real = mask.reshape(-1).nonzero().squeeze(1)  # (M,) the one host sync per search, outside the level loop
+        flat = layers.reshape(s, b * t, de)
+        if real.numel() >= self.PACK_BELOW * b * t:  # every position: a plain re-layout
+            rows = cols = None
+            tokens = flat  # (S, B*T, De)
+        else:
+            rows, cols = real // t, real % t  # each real token's query and position
+            tokens = flat.index_select(1, real)  # (S, M, De)
+
+        def spread(x: Tensor) -> Tensor:
+            """(G, M, D) projected tokens -> (B, G*H, T, Dh) attention layout (group-major heads),
+            zeros at padding when packed (one scatter, no zero-filled intermediate)."""
+            g, dh = x.shape[0], x.shape[-1] // h
+            if rows is None:
+                return x.view(g, b, t, h, dh).permute(1, 0, 3, 2, 4).reshape(b, g * h, t, dh)
+            full = x.new_zeros(b, g, h, t, dh)
+            full.permute(1, 0, 3, 2, 4)[:, rows, cols] = x.view(g, -1, h, dh)
+            return full.view(b, g * h, t, dh)
+
         concat = None  # (M, S*De): the coarse branch's input, shared by the layers
-
-        def spread(x: Tensor, heads: int) -> Tensor:
-            """(G, M, D) rows of real tokens -> (B, G*heads, T, Dh), zeros at padding; written
-            straight into the attention layout (one scatter, no zero-filled intermediate)."""
-            g = x.shape[0]
-            full = x.new_zeros(b, g, heads, t, x.shape[-1] // heads)
-            full.permute(1, 0, 3, 2, 4)[:, rows, cols] = x.view(g, -1, heads, x.shape[-1] // heads)
-            return full.view(b, g * heads, t, -1)
-
         kv = []
-        for layer in self.model.layers:
-            fu = layer.fusion
+        for mw in self.mem_layers:
             first = fine = None
-            if fu.coarse_attn is not None or fu.last_attn is not None:
-                att = fu.coarse_attn if fu.coarse_attn is not None else fu.last_attn
-                if fu.coarse_attn is not None and concat is None:
-                    concat = packed.permute(1, 0, 2).reshape(-1, s * de)
-                e = fu.coarse_proj(concat) if fu.coarse_attn is not None else packed[-1]
-                first = KV(spread(att.k_proj(e)[None], h), spread(att.v_proj(e)[None], h))
-            if fu.fine is not None:
-                ex = fu.fine
-                fine = KV(spread(torch.baddbmm(ex.k_bias[:, None, :], packed, ex.k_weight.transpose(1, 2)), h),
-                          spread(torch.baddbmm(ex.v_bias[:, None, :], packed, ex.v_weight.transpose(1, 2)), h))
+            if mw.first_k is not None:
+                if mw.coarse_proj is not None:
+                    if concat is None:
+                        concat = tokens.permute(1, 0, 2).reshape(-1, s * de)
+                    e = F.linear(concat, *mw.coarse_proj)  # Z = W_z [E_1; …; E_S] + b_z
+                else:
+                    e = tokens[-1]  # w/o fusion: the last encoder layer
+                first = KV(spread(F.linear(e, *mw.first_k)[None]), spread(F.linear(e, *mw.first_v)[None]))
+            if mw.fine_k is not None:
+                (kw, kb), (vw, vb) = mw.fine_k, mw.fine_v
+                fine = KV(spread(torch.baddbmm(kb[:, None, :], tokens, kw.transpose(1, 2))),
+                          spread(torch.baddbmm(vb[:, None, :], tokens, vw.transpose(1, 2))))
             kv.append((first, fine))
         return tuple(kv), bias[:, None, None, :]
 
@@ -209,7 +299,7 @@ class BeamDecoder:
         h, d = self.n_heads, m.d_model
         dh = d // h
         scale = 1.0 / math.sqrt(dh)
-        x = F.embedding(tokens, m.tok_emb.weight) + m.pos_emb.weight[level]  # (B, W, D)
+        x = F.embedding(tokens, self.tok_emb) + self.pos_emb[level]  # (B, W, D), compute dtype
         new_cache = []
         for i, (lw, (first, fine)) in enumerate(zip(self.layers, kv)):
             qkv = F.linear(F.layer_norm(x, *lw.ln_self), *lw.qkv).view(b * w, 3, h, 1, dh)
@@ -233,10 +323,7 @@ class BeamDecoder:
                 out = f if out is None else out + f
             x = x + out
             x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, *lw.ln_ff), *lw.ff1)), *lw.ff2)
-        lo = m.offsets[level]
-        hi = lo + m.level_sizes[level]
-        logits = F.linear(F.layer_norm(x, *self.ln_f), m.head.weight[lo:hi], m.head.bias[lo:hi])
-        return logits, new_cache
+        return F.linear(F.layer_norm(x, *self.ln_f), *self.heads[level]), new_cache
 
     # ------------------------------------------------------------------ the search
     def search(self, encoded: EncoderStates, prefix_index: PrefixIndex | None, *, beam: int, top_k: int,
@@ -260,7 +347,10 @@ class BeamDecoder:
         depth = model.depth
         with torch.inference_mode():
             kv, bias = self.memory(encoded)  # encoder-side K/V, once per query
-            scores = torch.zeros(b, 1, device=device)  # (B, W): one live beam per query at level 0
+            if self.compiled and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # new search: the last one's CUDA-graph outputs may go
+            # no host sync from here to the end: python ints and tensor ops only
+            scores = torch.zeros(b, 1, device=device)  # (B, W) float32 in any precision; one live beam at level 0
             codes = torch.zeros(b, 1, 0, dtype=torch.long, device=device)  # (B, W, l)
             states = prefix_index.root(b)[:, None] if constrained else None  # (B, W) prefix-tree nodes
             rows_base = torch.arange(b, device=device)[:, None]
@@ -268,8 +358,8 @@ class BeamDecoder:
             cache = None
             for level in range(depth):
                 k = model.level_sizes[level]
-                logits, new_cache = self.step(kv, bias, cache, tokens, level)
-                logp = torch.log_softmax(logits.float(), -1)  # (B, W, K)
+                logits, new_cache = self._step(kv, bias, cache, tokens, level)
+                logp = torch.log_softmax(logits.float(), -1)  # (B, W, K) float32
                 w = logp.shape[1]
                 allowed = None
                 masked = logp
@@ -306,33 +396,38 @@ def _fingerprint(model: CartModel) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
-def decoder_for(model: CartModel) -> BeamDecoder:
-    """The :class:`BeamDecoder` of ``model``, reused while its weights stay the same (a training
-    step, ``load_state_dict`` or ``.to()`` bumps a parameter's version or moves it: rebuilt)."""
+def decoder_for(model: CartModel, precision: Precision | str | torch.dtype | None = None) -> BeamDecoder:
+    """The :class:`BeamDecoder` of ``model`` at ``precision`` (None: the model's dtype), reused while
+    its weights stay the same (a training step, ``load_state_dict`` or ``.to()`` bumps a parameter's
+    version or moves it: rebuilt)."""
     if model.training:
         raise ValueError("beam search needs the model in eval mode (model.eval())")
+    prec = Precision.of(model.head.weight.dtype if precision is None else precision)
     key = _fingerprint(model)
-    hit = model.__dict__.get("_beam_decoder")  # kept on the model: freed with it
+    cache = model.__dict__.setdefault("_beam_decoders", {})  # kept on the model: freed with it
+    hit = cache.get(prec)
     if hit is None or hit[0] != key:
-        hit = (key, BeamDecoder(model))
-        model.__dict__["_beam_decoder"] = hit
+        hit = (key, BeamDecoder(model, precision=prec))
+        cache[prec] = hit
     return hit[1]
 
 
 def constrained_beam_search(
     model: CartModel, encoded: EncoderStates, prefix_index: PrefixIndex, *, beam: int, top_k: int,
     on_level: Callable[[LevelState], None] | None = None,
+    precision: Precision | str | torch.dtype | None = None,
 ) -> GenerationOutput:
     """Beam search that only ever extends valid identifier prefixes (CART inference).
 
     ``encoded``: :meth:`CartModel.encode` of B queries (model in eval mode). ``beam``: beams kept
     per query; ``top_k <= beam``: how many identifiers to return. With ``beam >= N`` the result is
     the exact ranking of all N identifiers (no valid prefix is ever pruned). ``on_level``: see
-    :meth:`BeamDecoder.search`.
+    :meth:`BeamDecoder.search`. ``precision``: the decoder's compute dtype (None: the model's;
+    :func:`default_precision` gives the suite's choice for a device); scores are float32 always.
     """
     if prefix_index is None:
         raise ValueError("constrained beam search needs a prefix index")
-    return decoder_for(model).search(encoded, prefix_index, beam=beam, top_k=top_k, on_level=on_level)
+    return decoder_for(model, precision).search(encoded, prefix_index, beam=beam, top_k=top_k, on_level=on_level)
 
 
 def unconstrained_beam_search(
@@ -342,13 +437,15 @@ def unconstrained_beam_search(
     beam: int,
     top_k: int,
     prefix_index: PrefixIndex | None = None,
+    precision: Precision | str | torch.dtype | None = None,
 ) -> GenerationOutput:
     """The same beam search without the prefix constraint (the throughput floor of decoding).
 
     Generated identifiers may name no item; with ``prefix_index`` they are looked up after the
-    search (``items`` -1 where invalid), without it ``items`` is all -1.
+    search (``items`` -1 where invalid), without it ``items`` is all -1. ``precision``: as for
+    :func:`constrained_beam_search`.
     """
-    out = decoder_for(model).search(encoded, None, beam=beam, top_k=top_k)
+    out = decoder_for(model, precision).search(encoded, None, beam=beam, top_k=top_k)
     if prefix_index is None:
         return out
     b, k, depth = out.codes.shape

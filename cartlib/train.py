@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cartlib.cache_key import WeightsKey, weights_key
-from cartlib.decode import constrained_beam_search
+from cartlib.decode import constrained_beam_search, default_precision
 from cartlib.distributed import (all_reduce_grads, all_reduce_sum, backend_for, broadcast_parameters,
                                  gather_objects, launch, rank_info, shard, share_weight, worker_device)
 from cartlib.ids.prefix import PrefixIndex
@@ -58,8 +58,9 @@ class ValidationSet(NamedTuple):
 
 
 class TrainResult(NamedTuple):
-    model: CartModel
-    history: list[dict[str, float]]  # one dict per epoch
+    model: CartModel  # with the best validation epoch's weights when there was a validation set
+    history: list[dict[str, float]]  # one dict per epoch trained
+    best_epoch: int | None = None  # the epoch whose weights the model holds (None: no validation, the last)
 
 
 class LossParts(NamedTuple):
@@ -126,6 +127,7 @@ def train_cart(
     precision: str = "fp32",
     nproc: int = 1,
     stop_after: int | None = None,
+    patience: int = 0,
 ) -> TrainResult:
     """Train ``model`` to generate identifier ``codes[i] (L,)`` from ``texts[i]`` (CART).
 
@@ -147,6 +149,12 @@ def train_cart(
     result. Inside an existing process group (torchrun) the group's ranks are the workers.
     ``stop_after``: train at most that many more epochs in this call, leaving a resumable
     checkpoint (a time-boxed session; the schedule stays the one of ``epochs``).
+
+    With ``val``, the weights of the epoch with the best validation recall@1 are restored at the
+    end (the first such epoch on ties; ``TrainResult.best_epoch``), and ``patience`` > 0 stops
+    early once that many epochs in a row have not improved on it: ``epochs`` is then the most
+    epochs trained, and the learning-rate schedule (warm-up + cosine) is laid over all of them, so
+    a run stopped early never reached the end of its decay.
 
     Seeds torch, numpy and python's ``random`` from ``seed`` (rank r > 0 draws its dropout from
     ``seed + r``). A frozen encoder's weights are not stored in the checkpoint: resume with the
@@ -170,6 +178,8 @@ def train_cart(
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1 or None, got {stop_after}")
+    if patience < 0:
+        raise ValueError(f"patience must be >= 0 (0 = never stop early), got {patience}")
     Vocabulary(level_sizes=model.level_sizes).check_codes(codes.numpy())  # codes inside the vocabulary
     in_group = rank_info().world > 1
     if in_group and rank_info().world != nproc:
@@ -178,11 +188,12 @@ def train_cart(
         settings = {"train_cart": {
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
             "warmup_ratio": warmup_ratio, "grad_clip": grad_clip, "consistency_weight": consistency_weight,
-            "seed": seed, "max_length": max_length, "val_beam": val_beam, "precision": precision, "nproc": nproc},
+            "seed": seed, "max_length": max_length, "val_beam": val_beam, "precision": precision, "nproc": nproc,
+            "patience": patience},
             "model": model_signature(model)}
         key = weights_key(settings=settings, texts=texts, targets=codes, val=val)
     schedule = _Schedule(epochs, batch_size, lr, weight_decay, warmup_ratio, grad_clip, consistency_weight, seed,
-                         val_beam, val_batch_size, precision)
+                         val_beam, val_batch_size, precision, patience)
     if nproc > 1 and not in_group:
         return _train_in_workers(model, tokenizer, texts, codes, max_length, val, schedule, key=key,
                                  checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
@@ -191,9 +202,9 @@ def train_cart(
         broadcast_parameters(model)
     data = _prepare(model, tokenizer, texts, codes, max_length, val, progress=progress and rank_info().is_main)
     ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-    history = _fit(model, data, schedule, key=key, ckpt_path=ckpt_path, resume=resume, progress=progress,
-                   on_epoch_end=on_epoch_end, stop_after=stop_after)
-    return TrainResult(model=model, history=history)
+    history, best_epoch = _fit(model, data, schedule, key=key, ckpt_path=ckpt_path, resume=resume,
+                               progress=progress, on_epoch_end=on_epoch_end, stop_after=stop_after)
+    return TrainResult(model=model, history=history, best_epoch=best_epoch)
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -220,6 +231,7 @@ class _Schedule(NamedTuple):
     val_beam: int
     val_batch_size: int
     precision: str
+    patience: int
 
 
 class _Prepared(NamedTuple):
@@ -293,8 +305,9 @@ def train_step(model: CartModel, optimizer: torch.optim.Optimizer, scheduler: An
 
 def _fit(model: CartModel, data: _Prepared, s: _Schedule, *, key: WeightsKey, ckpt_path: Path | None, resume: bool,
          progress: bool, on_epoch_end: Callable[[int, dict[str, float]], None] | None,
-         stop_after: int | None) -> list[dict[str, float]]:
-    """The epochs, on this process's rank (the whole batch when alone)."""
+         stop_after: int | None) -> tuple[list[dict[str, float]], int | None]:
+    """The epochs, on this process's rank (the whole batch when alone); returns the history and the
+    best validation epoch, whose weights the model then holds (None without validation)."""
     info = rank_info()
     progress = progress and info.is_main
     device = model.device
@@ -315,14 +328,16 @@ def _fit(model: CartModel, data: _Prepared, s: _Schedule, *, key: WeightsKey, ck
     optimizer = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps, s.warmup_ratio))
 
-    start_epoch, history = 0, []
+    start_epoch, history, best = 0, [], None
     restored = _restore(ckpt_path, model, optimizer, scheduler, key) if resume and ckpt_path.exists() else None
     if restored is not None:
-        start_epoch, history = restored
+        start_epoch, history, best = restored
     else:
         _seed_everything(s.seed + info.rank)
     reduce = all_reduce_grads if info.world > 1 else None
     last_epoch = s.epochs if stop_after is None else min(s.epochs, start_epoch + stop_after)
+    if _stops(history, best, s.patience):  # a resumed run that had already stopped early
+        last_epoch = start_epoch
 
     from tqdm.auto import tqdm  # progress bars only; imported late to keep the module light
 
@@ -369,16 +384,28 @@ def _fit(model: CartModel, data: _Prepared, s: _Schedule, *, key: WeightsKey, ck
             record["val_recall_at_1"] = _recall_at_1(
                 model, data.val_ids, data.val_mask, val_items, val_index, beam=val_beam, batch_size=s.val_batch_size
             )
+            if best is None or record["val_recall_at_1"] > best["val_recall_at_1"]:
+                best = {"epoch": epoch + 1, "val_recall_at_1": record["val_recall_at_1"],
+                        "model": {k: v.detach().clone() for k, v in _model_state(model).items()}}
         history.append(record)
         epoch_bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_recall_at_1") if k in record})
         rng = gather_objects(_rng_state())  # every rank's RNG state, so a resumed run draws the same dropout
         if ckpt_path is not None and info.is_main:
-            _save(ckpt_path, model, optimizer, scheduler, epoch + 1, history, key, rng)
+            _save(ckpt_path, model, optimizer, scheduler, epoch + 1, history, key, rng, best)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
+        if _stops(history, best, s.patience):
+            break
     epoch_bar.close()
+    if best is not None:  # the best validation epoch's weights (the same on every rank)
+        model.load_state_dict(best["model"], strict=False)
     model.eval()
-    return history
+    return history, None if best is None else best["epoch"]
+
+
+def _stops(history: list[dict[str, float]], best: dict | None, patience: int) -> bool:
+    """Early stopping: ``patience`` epochs in a row without a better validation recall@1."""
+    return patience > 0 and best is not None and bool(history) and history[-1]["epoch"] - best["epoch"] >= patience
 
 
 class _ModelSpec(NamedTuple):
@@ -427,8 +454,8 @@ def _worker(job: _WorkerJob) -> list[dict[str, float]] | None:
     try:
         model = job.model.build().to(device)
         broadcast_parameters(model)
-        history = _fit(model, job.data, job.schedule, key=job.key, ckpt_path=job.ckpt_path, resume=job.resume,
-                       progress=job.progress, on_epoch_end=None, stop_after=job.stop_after)
+        history, _ = _fit(model, job.data, job.schedule, key=job.key, ckpt_path=job.ckpt_path, resume=job.resume,
+                          progress=job.progress, on_epoch_end=None, stop_after=job.stop_after)
         is_main = rank_info().is_main
     finally:
         dist.destroy_process_group()
@@ -446,30 +473,33 @@ def _train_in_workers(model: CartModel, tokenizer: Any, texts: Sequence[str], co
     device = model.device
     with tempfile.TemporaryDirectory(prefix="cart-train-") as tmp:
         ckpt_path = Path(checkpoint_dir if checkpoint_dir is not None else tmp) / CHECKPOINT_NAME
-        done = _finished_checkpoint(ckpt_path, key, s.epochs) if resume and ckpt_path.exists() else None
+        done = _finished_checkpoint(ckpt_path, key, s) if resume and ckpt_path.exists() else None
         if done is None:  # a finished run (e.g. by torchrun on a cluster) is only loaded, never relaunched
             data = _prepare(model, tokenizer, texts, codes, max_length, val, progress=progress)
             job = _WorkerJob(_ModelSpec.of(model), data, s, key, ckpt_path, resume, progress, stop_after, str(device))
             launch(_worker, job, nproc=nproc)
             done = torch_load(ckpt_path)
-        model.load_state_dict(done["model"], strict=False)
+        best = done.get("best")
+        model.load_state_dict(done["model"] if best is None else best["model"], strict=False)
         history = list(done["history"])
     model.to(device).eval()
     if on_epoch_end is not None:
         for record in history:
             on_epoch_end(record["epoch"], record)
-    return TrainResult(model=model, history=history)
+    return TrainResult(model=model, history=history, best_epoch=None if best is None else int(best["epoch"]))
 
 
-def _finished_checkpoint(path: Path, key: WeightsKey, epochs: int) -> dict | None:
-    """The checkpoint at ``path`` when it was written under ``key`` and holds all ``epochs``; else None."""
+def _finished_checkpoint(path: Path, key: WeightsKey, s: _Schedule) -> dict | None:
+    """The checkpoint at ``path`` when it was written under ``key`` and its run is over (all epochs,
+    or stopped early); else None."""
     try:
         ck = torch_load(path)
     except ValueError:
         return None
     if not isinstance(ck, dict) or ck.get("format") != _FORMAT or key.stale_reason(ck.get("key")) is not None:
         return None
-    return ck if int(ck["epoch"]) >= epochs else None
+    over = int(ck["epoch"]) >= s.epochs or _stops(list(ck["history"]), ck.get("best"), s.patience)
+    return ck if over else None
 
 
 class EncodedTexts(NamedTuple):
@@ -582,7 +612,8 @@ def _recall_at_1(
             m = mask[rows]
             width = int(m.sum(1).max())
             enc = model.encode(ids[rows, :width].to(model.device), m[:, :width].to(model.device))
-            out = constrained_beam_search(model, enc, index, beam=beam, top_k=1)
+            out = constrained_beam_search(model, enc, index, beam=beam, top_k=1,
+                                          precision=default_precision(model.device))  # fp16 on CUDA, as evaluate
             top = out.items[:, :1]  # (B, 1); -1 never matches a relevant row
             hits += ((top == items[rows.to(items.device)]) & (top >= 0)).any(1).sum()
     model.train()
@@ -633,7 +664,7 @@ def model_signature(model: CartModel) -> dict[str, Any]:
 
 
 def _save(path: Path, model, optimizer, scheduler, epoch: int, history, key: WeightsKey,
-          rng_ranks: list[dict[str, Any]]) -> None:
+          rng_ranks: list[dict[str, Any]], best: dict | None = None) -> None:
     torch_save(
         {
             "format": _FORMAT,
@@ -644,6 +675,7 @@ def _save(path: Path, model, optimizer, scheduler, epoch: int, history, key: Wei
             "scheduler": scheduler.state_dict(),
             "rng": rng_ranks[0],
             "rng_ranks": rng_ranks,  # one per data-parallel rank
+            "best": best,  # the best validation epoch so far: epoch, val_recall_at_1, its weights
             "history": history,
             "key": key.as_dict(),
         },
@@ -651,9 +683,10 @@ def _save(path: Path, model, optimizer, scheduler, epoch: int, history, key: Wei
     )
 
 
-def _restore(path: Path, model, optimizer, scheduler, key: WeightsKey) -> tuple[int, list[dict[str, float]]] | None:
+def _restore(path: Path, model, optimizer, scheduler, key: WeightsKey) -> tuple[int, list[dict[str, float]], dict | None] | None:
     """Load the checkpoint at ``path`` into the model, optimizer, scheduler and RNGs and return
-    (epochs done, history); None, touching nothing, when it is stale (the reason is printed)."""
+    (epochs done, history, best epoch so far); None, touching nothing, when it is stale (the reason
+    is printed)."""
     try:
         ck = torch_load(path)
     except ValueError as e:  # truncated or foreign: as stale as a checkpoint gets
@@ -680,4 +713,7 @@ def _restore(path: Path, model, optimizer, scheduler, key: WeightsKey) -> tuple[
     if len(ranks) != info.world:  # the key holds the process count, so only a corrupted file gets here
         raise ValueError(f"{path}: checkpoint of {len(ranks)} rank(s) resumed by {info.world}")
     _set_rng_state(ranks[info.rank])
-    return int(ck["epoch"]), list(ck["history"])
+    best = ck.get("best")
+    if best is not None:
+        best = {**best, "model": {k: v.to(model.device) for k, v in best["model"].items()}}
+    return int(ck["epoch"]), list(ck["history"]), best

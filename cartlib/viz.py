@@ -396,11 +396,17 @@ _THROUGHPUT_STYLE = {  # system -> (colour, marker)
 
 
 def throughput_figure(table, *, systems: Sequence[str], ratio_batch: int, crossover, caption: str = "",
-                      extra: Sequence = ()):
+                      extra: Sequence = (), gpu=None, gpu_batch: int = 1024, gpu_note: str = ""):
     """Queries/s against candidates (log–log), one panel per device of ``table`` and of the
-    ``extra`` tables (e.g. GPU rows); colour = system (in the order of ``systems``), line style =
-    batch size (``ratio_batch``, or the closest, solid); the point ``crossover(rows, batch_size=…)``
-    (where cart_decode overtakes dual_tower_exact) marked. Returns a matplotlib Figure (no file I/O).
+    ``extra`` tables; colour = system (in the order of ``systems``), line style = batch size
+    (``ratio_batch``, or the closest, solid); the point ``crossover(rows, batch_size=…)`` (where
+    cart_decode overtakes dual_tower_exact) marked. Returns a matplotlib Figure (no file I/O).
+
+    ``gpu``: the ``decode`` rows of a GPU check (``scripts/gpu_check.py``; columns ``system``,
+    ``device``, ``n_candidates``, ``batch_size``, ``qps``, ``precision``, ``input``): one more panel
+    per GPU, queries/s of CART constrained / unconstrained decoding and the exact dual tower from
+    encoded queries at batch ``gpu_batch`` (or the closest measured), with the crossover. None: that
+    panel says that no GPU rows exist and how to make them (``gpu_note``).
 
     The benchmark's constants and analysis come in as arguments so that this module, which every
     stage imports, does not import the benchmark (and, through it, the model)."""
@@ -413,7 +419,14 @@ def throughput_figure(table, *, systems: Sequence[str], ratio_batch: int, crosso
     # a CSV appended to by several runs: the latest row of each (system, device, N, batch) wins
     data = data.drop_duplicates(subset=["system", "device", "n_candidates", "batch_size"], keep="last")
     devices = list(dict.fromkeys(data["device"])) or ["(no rows)"]
-    fig, axes = plt.subplots(1, len(devices), figsize=(6.2 * len(devices), 4.8), squeeze=False)
+    gpu_rows = None
+    gpu_devices: list = [None]  # one placeholder panel when there are no GPU rows
+    if gpu is not None:
+        gpu_rows = gpu[(gpu["input"] == "encoded") & gpu["qps"].notna()
+                       & gpu["system"].isin(["cart_decode", "unconstrained_decode", "dual_tower_exact"])]
+        gpu_devices = list(dict.fromkeys(gpu_rows["device"])) or [None]
+    n_panels = len(devices) + len(gpu_devices)
+    fig, axes = plt.subplots(1, n_panels, figsize=(6.2 * n_panels, 4.8), squeeze=False)
     for ax, dev in zip(axes[0], devices):
         sub = data[(data["device"] == dev) & data["qps"].notna()]
         batches = sorted(set(sub["batch_size"]))
@@ -432,24 +445,58 @@ def throughput_figure(table, *, systems: Sequence[str], ratio_batch: int, crosso
                 ax.plot([cross[0]], [cross[1]], "*", color="black", ms=14, zorder=5)
                 ax.annotate(f"CART overtakes exact\nN ≈ {cross[0]:,.0f}", cross, textcoords="offset points",
                             xytext=(8, -26), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("candidates N")
-        ax.set_ylabel("queries / s")
-        ax.set_title(str(dev), fontsize=10)
-        ax.grid(True, which="both", alpha=0.25)
+        _log_axes(ax, str(dev))
         handles = [Line2D([], [], color=_THROUGHPUT_STYLE[s][0], marker=_THROUGHPUT_STYLE[s][1], label=s) for s in SYSTEMS
                    if s in set(sub["system"])]
         handles += [Line2D([], [], color="black", ls=styles[b], lw=2.0 if b == main else 1.0, label=f"batch {b}")
                     for b in batches]
         ax.legend(handles=handles, fontsize=7, loc="best", ncol=2)
+    for ax, dev in zip(axes[0][len(devices):], gpu_devices):
+        if dev is None:
+            ax.axis("off")
+            ax.text(0.5, 0.5, "GPU panel: no GPU rows\n(results/throughput/throughput_gpu.csv is absent)\n\n"
+                    + "\n".join(textwrap.wrap(gpu_note, 48)), ha="center", va="center", fontsize=9,
+                    transform=ax.transAxes, bbox=dict(boxstyle="round", fc="#f4f4f4", ec="#999999"))
+            ax.set_title("GPU (not measured)", fontsize=10)
+            continue
+        sub = gpu_rows[gpu_rows["device"] == dev].astype({"n_candidates": "float64", "batch_size": "float64",
+                                                          "qps": "float64"})
+        have = sorted(set(sub["batch_size"]))
+        b = min(have, key=lambda x: (abs(x - gpu_batch), -x))
+        sub = sub[sub["batch_size"] == b]
+        precision = {s: p for s, p in zip(sub["system"], sub["precision"])}
+        for system, label in (("cart_decode", "CART constrained"), ("unconstrained_decode", "CART unconstrained"),
+                              ("dual_tower_exact", "dual tower, exact")):
+            pts = sub[sub["system"] == system].sort_values("n_candidates")
+            if len(pts):
+                colour, marker = _THROUGHPUT_STYLE[system]
+                p = precision.get(system, "")
+                ax.plot(pts["n_candidates"], pts["qps"], "-", color=colour, marker=marker, ms=5, lw=2.0,
+                        label=f"{label} ({p})" if p and p != "nan" else label)
+        cross = crossover(sub, batch_size=b)
+        if cross is not None:
+            ax.plot([cross[0]], [cross[1]], "*", color="black", ms=14, zorder=5)
+            ax.annotate(f"CART overtakes exact\nN ≈ {cross[0]:,.0f}", cross, textcoords="offset points",
+                        xytext=(8, -26), fontsize=8)
+        beam = sub["beam"].dropna() if "beam" in sub else ()
+        _log_axes(ax, f"{dev} — batch {int(b):,}" + (f", beam {int(beam.iloc[0])}" if len(beam) else ""))
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle("Figure 4 analogue: throughput as the gallery grows (CART decoding vs dual-tower / FAISS)",
                  fontsize=11)
     if caption:
-        fig.text(0.01, -0.01, "\n".join(textwrap.wrap(caption, 115 * len(devices))), fontsize=7, va="top",
+        fig.text(0.01, -0.01, "\n".join(textwrap.wrap(caption, 115 * n_panels)), fontsize=7, va="top",
                  ha="left")
     fig.tight_layout()
     return fig
+
+
+def _log_axes(ax, title: str) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("candidates N")
+    ax.set_ylabel("queries / s")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
 
 
 def caption_examples(examples: pd.DataFrame, *, title: str):

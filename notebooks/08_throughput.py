@@ -55,7 +55,7 @@ result.table.pivot_table(index=['system', 'batch_size'], columns='n_candidates',
 
 # %% [markdown]
 # ## Figure 4 analogue
-# Log–log; batch 100 (or the closest) drawn solid, the other batch sizes thin; the star marks where CART decoding overtakes exact dual-tower search, if it does. With `results/throughput/throughput_gpu.csv` present (from `scripts/bench_throughput_gpu.py` on a GPU machine), its rows form a second panel.
+# Log–log; batch 100 (or the closest) drawn solid, the other batch sizes thin; the star marks where CART decoding overtakes exact dual-tower search, if it does. The last panel is the GPU: with `results/throughput/throughput_gpu.csv` present (the CSV of `scripts/gpu_check.py`, run on a GPU machine), queries/s of CART constrained and unconstrained decoding (fp16) and of exact fp16 dual-tower search at batch 1,024; without it, the panel says so.
 
 # %%
 result.figure
@@ -83,6 +83,14 @@ result.galleries.set_index('n_candidates').T
 
 # %%
 result.skipped
+
+# %% [markdown]
+# ## The GPU check (`results/throughput/throughput_gpu.csv`, merged into `gpu_rows.csv`)
+# Rows of `scripts/gpu_check.py` from a GPU machine: queries/s of every decoding system by gallery size and batch (`input`: from encoded queries or text in), then training texts/s, fp16-vs-fp32 agreement, the host-sync check and the targets with pass/fail. The query encoder there has MiniLM's shape with random weights (speed depends on shapes, not weights). Absent until someone runs the script on a GPU.
+
+# %%
+gpu = throughput.gpu_tables(result.gpu)
+display(*gpu) if isinstance(gpu, tuple) else print(gpu)
 
 # %% [markdown]
 # ## All rows (`results/throughput/throughput.csv`)

@@ -25,7 +25,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from bench_prefix import random_identifiers  # scripts/ is on sys.path when run as a script
-from cartlib.decode import constrained_beam_search, unconstrained_beam_search
+from cartlib.decode import constrained_beam_search, default_precision, unconstrained_beam_search
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.model.cart import CartModel, EncoderStates
 
@@ -81,10 +81,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--fusion", choices=["two_branch", "last_layer"], default="two_branch")
     ap.add_argument("--d-ff", type=int, default=0, help="decoder FFN width (0: the model default, 4 x 384)")
+    ap.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                    help="decoding precision (default: cartlib.decode.default_precision of the device)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    precision = args.precision or default_precision(device).value
     torch.manual_seed(0)
 
     galleries = {n: random_identifiers(n, (256, 256, 256), seed=n) for n in args.galleries}
@@ -102,18 +105,19 @@ def main() -> None:
     print(f"load average before the run: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; "
           f"decoder 2 layers x 384, fusion={args.fusion}, S={s}, T={t}, beam {args.beam}, batch {args.batch}, "
-          f"level sizes {sizes}")
+          f"level sizes {sizes}, {precision}")
     mem, dec = macs_per_query(model, t=t, beam=args.beam)
     print(f"model work per query: {(mem + dec) / 1e6:.0f} M multiply-adds "
           f"(encoder-side K/V {mem / 1e6:.0f} M, decoder steps {dec / 1e6:.0f} M)")
 
     fns: dict[str, Callable[[], object]] = {
-        "unconstrained": lambda: unconstrained_beam_search(model, encoded, beam=args.beam, top_k=args.beam)
+        "unconstrained": lambda: unconstrained_beam_search(model, encoded, beam=args.beam, top_k=args.beam,
+                                                           precision=precision)
     }
     for n, (codes, _) in galleries.items():
         index = PrefixIndex.build(codes, sizes).to(device)
         fns[f"constrained N={n:,}"] = functools.partial(
-            constrained_beam_search, model, encoded, index, beam=args.beam, top_k=args.beam
+            constrained_beam_search, model, encoded, index, beam=args.beam, top_k=args.beam, precision=precision
         )
     timings = measure(fns, device=device, warmup=args.warmup, repeats=args.repeats)
     qps = {k: args.batch / t.wall for k, t in timings.items()}

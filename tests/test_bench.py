@@ -216,6 +216,22 @@ def test_sampled_gallery_keeps_the_cluster_structure_and_gets_unique_identifiers
     codes, sizes = galleries.identify(model, x)  # the fitted table, re-derived from the same items
     assert np.array_equal(codes, model.codes_) and sizes == model.level_sizes_
 
+    # the device path (GPU galleries of 10M in seconds): the same identifiers as the NumPy path on the
+    # same features, in one chunk or many; its sampler keeps the mixture's cluster weights
+    feats = galleries.sample_features_torch(mix, 2_000, seed=4)
+    assert feats.shape == (2_000, 24) and torch.allclose(feats.norm(dim=1), torch.ones(2_000), atol=1e-5)
+    near = torch.argmax(feats @ torch.nn.functional.normalize(torch.from_numpy(mix.means), dim=1).T, 1)
+    assert np.abs(np.bincount(near.numpy(), minlength=3) / 2_000 - mix.weights).max() < 0.05
+    want, want_sizes = galleries.identify(model, feats.numpy())
+    for chunk in (2_000, 333):
+        got, got_sizes = galleries.identify_torch(model, feats, chunk=chunk)
+        assert np.array_equal(got.numpy(), want) and got_sizes == want_sizes
+    g = galleries.build_gallery_torch(mix, model, 700, seed=5, chunk=256, dtype=torch.float16)
+    assert g.features.dtype == torch.float16 and g.features.shape == (700, 24) and g.index.n_items == 700
+    codes, sizes = galleries.identify(model, g.features.float().numpy())
+    assert sizes == g.level_sizes and len(np.unique(g.codes.numpy(), axis=0)) == 700
+    # the fp16 features identify as their fp32 originals did, up to rounding at a boundary
+    assert (codes == g.codes.numpy()).all(1).mean() > 0.97
 
 # ---------------------------------------------------------------------------- the stage, tiny
 
@@ -245,11 +261,8 @@ TINY = {"identifiers": {"n_clusters": 4, "codebook_size": 4, "epochs": 1},
 
 def test_run_writes_the_contract_files(tmp_path) -> None:
     make_task(tmp_path)
-    gpu = pd.DataFrame([{"system": "cart_decode", "device": "NVIDIA Fake", "n_candidates": n, "batch_size": 4,
-                         "beam": 10, "qps": 1e4, "latency_ms_p50": 0.4, "peak_mem_mb": 10.0,
-                         "recall_vs_exact": float("nan")} for n in (60, 200)])
     (tmp_path / "results" / "throughput").mkdir(parents=True)
-    gpu.to_csv(tmp_path / "results" / "throughput" / "throughput_gpu.csv", index=False)
+    gpu_check_csv().to_csv(tmp_path / "results" / "throughput" / "throughput_gpu.csv", index=False)
     res = throughput.run(params_from_dict(TINY), tmp_path, progress=False)
     out = tmp_path / "results" / "throughput"
     table = pd.read_csv(out / "throughput.csv")
@@ -268,9 +281,95 @@ def test_run_writes_the_contract_files(tmp_path) -> None:
     assert metrics["decoder_flops_per_query"] > 0 and metrics["n_candidates_largest"] == 200
     assert timings["flatness_ratio"] > 0 and 0 < timings["arithmetic_floor_fraction"]
     assert (out / "throughput.png").exists() and (out / "throughput.pdf").exists()
-    assert len([ax for ax in res.figure.axes if ax.get_title()]) == 2  # this CPU + the GPU rows
     assert "torch" in res.caption and "faiss" in res.caption
     assert pd.read_csv(out / "galleries.csv")["n_candidates"].tolist() == [60, 200]
+    # the GPU check's rows: merged into results/throughput/, summarised, drawn as their own panel
+    check_gpu_merge(res, out, timings)
+
+
+def gpu_check_csv() -> pd.DataFrame:
+    """A hand-made GPU check CSV: CART flat at 10,000 q/s, exact search 100,000 q/s at N=1,000 falling
+    to 1,000 at N=100,000 (crossover at N=10,000 in log-log), batch 1,024; and one row of every other kind."""
+    nan = float("nan")
+    rows = [{"kind": "machine", "name": "device", "device": "NVIDIA Fake", "note": "NVIDIA Fake"}]
+    for n, exact in ((1_000, 1e5), (100_000, 1e3)):
+        for system, qps, inp in (("cart_decode", 1e4, "encoded"), ("unconstrained_decode", 1.1e4, "encoded"),
+                                 ("dual_tower_exact", exact, "encoded"), ("cart_end_to_end", 5e3, "text")):
+            rows.append({"kind": "decode", "name": system, "system": system, "input": inp, "precision": "fp16",
+                         "device": "NVIDIA Fake", "n_candidates": n, "batch_size": 1024, "beam": 10, "top_k": 10,
+                         "qps": qps, "latency_ms_p50": 1024 / qps * 1e3, "peak_mem_mb": 100.0,
+                         "recall_vs_exact": 1.0 if system.startswith("dual") else nan, "note": "median of 5"})
+    rows.append({"kind": "decode", "name": "cart_decode", "system": "cart_decode", "input": "encoded",
+                 "device": "NVIDIA Fake", "n_candidates": 1_000, "batch_size": 1, "beam": 10, "qps": 300.0})
+    rows += [{"kind": "train", "name": "train_texts_per_s", "system": "cart_train", "device": "NVIDIA Fake",
+              "batch_size": 512, "value": 25_000.0, "unit": "texts/s"},
+             {"kind": "agreement", "name": "top1_identical", "device": "NVIDIA Fake", "value": 0.995,
+              "target": 0.99, "passed": True},
+             {"kind": "target", "name": "flatness_ratio", "device": "NVIDIA Fake", "value": 1.0, "target": 0.9,
+              "passed": True},
+             {"kind": "target", "name": "train_texts_per_s_b512", "device": "NVIDIA Fake", "value": 25_000.0,
+              "target": 20_000.0, "passed": True}]
+    return pd.DataFrame(rows, columns=list(measure.GPU_COLUMNS))
+
+
+def check_gpu_merge(res, out, timings: dict) -> None:
+    given = gpu_check_csv()
+    merged = pd.read_csv(out / "gpu_rows.csv")  # stable columns: everything but the clock's
+    measured = pd.read_csv(out / "gpu_rows.timings.csv")
+    assert len(merged) == len(measured) == len(given) and "qps" not in merged.columns
+    assert merged["name"].tolist() == given["name"].tolist() and merged["note"].fillna("").tolist() == \
+        given["note"].fillna("").tolist()
+    np.testing.assert_allclose(measured["qps"], given["qps"])  # with their labels: which row is which
+    assert measured["n_candidates"].dropna().astype(int).tolist() == given["n_candidates"].dropna().astype(int).tolist()
+    assert res.gpu is not None and len(res.gpu) == len(given)
+    assert timings["gpu_device"] == "NVIDIA Fake" and timings["gpu_top1_identical"] == 0.995
+    assert timings["gpu_flatness_ratio_passed"] is True and timings["gpu_panel_batch_size"] == 1024
+    assert timings["gpu_crossover_n_candidates"] == 10_000  # hand-made: exact search crosses CART at 10K
+    titles = [ax.get_title() for ax in res.figure.axes if ax.get_title()]
+    assert len(titles) == 2 and "NVIDIA Fake" in titles[1] and "1,024" in titles[1]
+    gpu_ax = [ax for ax in res.figure.axes if "NVIDIA Fake" in ax.get_title()][0]
+    labels = [line.get_label() for line in gpu_ax.get_lines() if not line.get_label().startswith("_")]
+    assert labels == ["CART constrained (fp16)", "CART unconstrained (fp16)", "dual tower, exact (fp16)"]
+    cart = [line for line in gpu_ax.get_lines() if line.get_label() == "CART constrained (fp16)"][0]
+    assert list(cart.get_xdata()) == [1_000, 100_000] and list(cart.get_ydata()) == [1e4, 1e4]  # batch 1,024 only
+    assert "NVIDIA Fake" in res.caption and "scripts/gpu_check.py" in res.caption
+
+
+def test_run_without_gpu_rows_says_so(tmp_path) -> None:
+    make_task(tmp_path)
+    res = throughput.run(params_from_dict(TINY), tmp_path, progress=False)
+    out = tmp_path / "results" / "throughput"
+    assert res.gpu is None and "No GPU rows" in res.caption
+    titles = [ax.get_title() for ax in res.figure.axes if ax.get_title()]
+    assert titles[-1] == "GPU (not measured)"
+    texts = [t.get_text() for ax in res.figure.axes for t in ax.texts]
+    assert any("throughput_gpu.csv is absent" in t and "gpu_check.py" in t for t in texts)
+    for name in ("gpu_rows.csv", "gpu_rows.timings.csv"):  # declared outs: written, with their header only
+        frame = pd.read_csv(out / name)
+        assert len(frame) == 0 and "kind" in frame.columns
+    assert not any(k.startswith("gpu_") for k in json.loads((out / "timings.json").read_text()))
+    assert isinstance(throughput.gpu_tables(res.gpu), str)
+
+
+def test_gpu_rows_of_the_former_script_are_read_as_decode_rows(tmp_path) -> None:
+    old = pd.DataFrame([{"system": s, "device": "NVIDIA Old", "n_candidates": 1000, "batch_size": 100, "beam": 10,
+                         "qps": 1e3, "latency_ms_p50": 100.0, "peak_mem_mb": 1.0, "recall_vs_exact": float("nan")}
+                        for s in ("cart_decode", "cart_end_to_end")], columns=list(measure.COLUMNS))
+    old.to_csv(tmp_path / "old.csv", index=False)
+    rows = measure.read_gpu_rows(tmp_path / "old.csv")
+    assert tuple(rows.columns) == measure.GPU_COLUMNS and set(rows["kind"]) == {"decode"}
+    assert rows["input"].tolist() == ["encoded", "text"] and rows["n_candidates"].tolist() == [1000, 1000]
+    assert measure.read_gpu_rows(tmp_path / "absent.csv") is None
+    pd.DataFrame({"system": ["x"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="missing column"):
+        measure.read_gpu_rows(tmp_path / "bad.csv")
+    table = gpu_check_csv()
+    table.loc[0, "kind"] = "nonsense"
+    table.to_csv(tmp_path / "kind.csv", index=False)
+    with pytest.raises(ValueError, match="unknown row kind"):
+        measure.read_gpu_rows(tmp_path / "kind.csv")
+    pivot, checks = throughput.gpu_tables(measure.read_gpu_rows(tmp_path / "old.csv"))
+    assert pivot.shape == (2, 1) and len(checks) == 0
 
 
 def test_missing_features_file_names_it_and_the_stage_to_run(tmp_path) -> None:
@@ -279,24 +378,3 @@ def test_missing_features_file_names_it_and_the_stage_to_run(tmp_path) -> None:
         throughput.run(params_from_dict(TINY), tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match=r"dataset.*data"):
         throughput.run(params_from_dict(TINY), tmp_path / "elsewhere", progress=False)
-
-
-def test_gpu_script_runs_on_a_cpu_without_data_and_appends_the_contract_columns(tmp_path) -> None:
-    """scripts/bench_throughput_gpu.py is what the GPU machine runs; CI has no GPU, so check it here."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(os.path.dirname(__file__), "..",
-                                                                          "scripts", "bench_throughput_gpu.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = tmp_path / "gpu.csv"
-    argv = [str(out), "--root", str(tmp_path), "--smoke", "--device", "cpu", "--sizes", "100", "300",
-            "--batch-sizes", "2", "--repeats", "1"]
-    assert script.main(argv) == 0
-    assert script.main(argv) == 0  # a second run appends
-    table = pd.read_csv(out)
-    assert tuple(table.columns) == measure.COLUMNS
-    assert {"cart_decode", "unconstrained_decode", "dual_tower_exact"} <= set(table["system"])
-    assert not any(s.startswith("faiss") for s in table["system"])  # the GPU machine has no FAISS
-    assert sorted(set(table["n_candidates"])) == [100, 300] and (table["batch_size"] == 2).all()
-    assert len(table) % 2 == 0 and (table["qps"] > 0).all()

@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel
@@ -285,3 +286,165 @@ def test_decoder_is_reused_until_a_weight_changes() -> None:
     model.train()
     with pytest.raises(ValueError, match="eval mode"):
         constrained_beam_search(model, enc, index, beam=5, top_k=5)
+
+
+# ---------------------------------------------------------------------------- precision (fp16 on CUDA)
+
+from cartlib.bench.timing import HostSyncRecorder as SyncRecorder, level_loop_syncs  # noqa: E402
+from cartlib.decode import Precision, default_precision  # noqa: E402
+
+# reduced-precision tolerance on a summed log-probability (|logits| up to ~30 in these peaked models)
+TOL = {Precision.FP16: 0.06, Precision.BF16: 0.4}
+
+
+def assert_close_ranking(out: GenerationOutput, ref: GenerationOutput, tol: float) -> None:
+    """Scores within ``tol`` of the fp32 reference; the same item wherever the reference's scores
+    around it are separated by more than 2·tol (no near-tie the rounding could flip)."""
+    assert out.scores.dtype == torch.float32
+    torch.testing.assert_close(out.scores, ref.scores, rtol=0, atol=tol)
+    s = ref.scores
+    gap = torch.full_like(s, math.inf)
+    gap[:, 1:] = torch.minimum(gap[:, 1:], s[:, :-1] - s[:, 1:])
+    gap[:, :-1] = torch.minimum(gap[:, :-1], s[:, :-1] - s[:, 1:])
+    clear = gap > 2 * tol
+    assert clear.any()  # the test would be empty otherwise
+    assert torch.equal(out.items[clear], ref.items[clear])
+
+
+@pytest.mark.parametrize("precision", [Precision.FP16, Precision.BF16])
+@pytest.mark.parametrize("fusion", list(FusionMode))
+def test_reduced_precision_search_matches_fp32_within_rounding(fusion: FusionMode, precision: Precision) -> None:
+    """The fp16 path that CUDA runs, on the CPU: weights and matmuls in half precision, softmaxes and
+    beam scores in float32. Oracle: the fp32 reference decoder and teacher-forced exhaustive scores."""
+    sizes, codes = TRIES["random"]
+    model, enc = tiny_model(sizes, fusion=fusion), random_states(6, seed=4)
+    index = PrefixIndex.build(codes, sizes)
+    n = codes.shape[0]
+    full = exhaustive_scores(model, enc, codes)  # (B, N) fp32 teacher forcing
+    exact = BeamDecoder(model).search(enc, index, beam=n, top_k=n)  # beam >= N: no pruning, a pure sort
+    for pack in (True, False):
+        dec = BeamDecoder(model, precision=precision)
+        dec.PACK_BELOW = 1.0 if pack else 0.0
+        assert dec.dtype == precision.dtype and dec.layers[0].qkv[0].dtype == precision.dtype
+        assert_close_ranking(dec.search(enc, index, beam=n, top_k=n), exact, TOL[precision])
+        # a pruning beam: valid identifiers whose scores are their fp32 log-probabilities, up to rounding
+        out = dec.search(enc, index, beam=5, top_k=5)
+        check_valid(out, codes)
+        torch.testing.assert_close(out.scores, full.gather(1, out.items), rtol=0, atol=TOL[precision])
+        free = dec.search(enc, None, beam=5, top_k=5)
+        b = free.codes.shape[0]
+        tf = exhaustive_scores(model, enc, free.codes.reshape(b * 5, -1)).view(b, b, 5)  # every query x every code
+        torch.testing.assert_close(free.scores, tf[torch.arange(b), torch.arange(b)], rtol=0, atol=TOL[precision])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model is never cast
+
+
+def test_precision_is_chosen_by_device_and_decoders_are_cached_per_precision() -> None:
+    assert default_precision("cpu") is Precision.FP32
+    assert default_precision(torch.device("cuda")) is Precision.FP16
+    assert default_precision("cuda:1") is Precision.FP16
+    assert Precision.of("bf16") is Precision.BF16 and Precision.of(torch.float16) is Precision.FP16
+    with pytest.raises(ValueError, match="unknown decoding precision"):
+        Precision.of("int8")
+    sizes, codes = TRIES["deep"]
+    model, enc = tiny_model(sizes, seed=11), random_states(3)
+    index = PrefixIndex.build(codes, sizes)
+    a = decoder_for(model)
+    assert a.precision is Precision.FP32 and decoder_for(model, "fp32") is a
+    b = decoder_for(model, "bf16")
+    assert b is not a and b.precision is Precision.BF16 and decoder_for(model, Precision.BF16) is b
+    exact = constrained_beam_search(model, enc, index, beam=4, top_k=4)
+    assert torch.equal(exact.scores, reference_beam_search(model, enc, index, beam=4, top_k=4).scores) or \
+        torch.allclose(exact.scores, reference_beam_search(model, enc, index, beam=4, top_k=4).scores, atol=1e-5)
+    half = constrained_beam_search(model, enc, index, beam=4, top_k=4, precision="bf16")
+    assert half.scores.dtype == torch.float32 and not torch.equal(half.scores, exact.scores)  # really bf16
+    torch.testing.assert_close(half.scores, exact.scores, rtol=0, atol=TOL[Precision.BF16])
+
+
+class _FakeTokenizer:
+    """Ids = word lengths (1..29); enough for the tiny encoder (vocab 30)."""
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=8, return_tensors="pt"):
+        from transformers import BatchEncoding
+
+        rows = [[min(len(w), 29) for w in t.split()][:max_length] for t in texts]
+        t = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (t - len(r)) for r in rows])
+        return BatchEncoding({"input_ids": ids, "attention_mask": (ids > 0).long()})
+
+
+def test_evaluate_decodes_at_the_device_precision(monkeypatch) -> None:
+    """evaluate's one branch: default_precision(model.device), fp32 on this CPU (exact: the same
+    rankings as a plain fp32 search); what it picks is what decoding uses (here forced to bf16)."""
+    from cartlib.stages import evaluate
+
+    sizes, codes = TRIES["random"]
+    torch.manual_seed(0)
+    model = CartModel(text_encoder=tiny_model(sizes).encoder, freeze_encoder=True, level_sizes=sizes, d_model=16,
+                      n_layers=1, n_heads=2, fusion=True).eval()
+    index = PrefixIndex.build(codes, sizes)
+    texts = ["a red circle", "two big blue squares left", "tiny", "a long row of green stars at the top"]
+    r = evaluate.decode_texts(model, _FakeTokenizer(), texts, index, beam=5, top_k=3, batch_size=2, max_length=8)
+    assert set(model.__dict__["_beam_decoders"]) == {Precision.FP32}
+    enc = model.encode(*_FakeTokenizer()(texts).values())
+    want = constrained_beam_search(model, enc, index, beam=5, top_k=3)
+    assert np.array_equal(r.items, want.items.numpy())
+    seen = []
+    monkeypatch.setattr(evaluate, "default_precision", lambda device: seen.append(str(device)) or Precision.BF16)
+    r16 = evaluate.decode_texts(model, _FakeTokenizer(), texts, index, beam=5, top_k=3, batch_size=2, max_length=8)
+    assert seen and seen[0] == "cpu" and Precision.BF16 in model.__dict__["_beam_decoders"]
+    np.testing.assert_allclose(r16.scores, r.scores, atol=TOL[Precision.BF16])
+
+
+# ---------------------------------------------------------------------------- no host sync in the level loop
+
+def test_sync_recorder_catches_host_syncs() -> None:
+    """The oracle checks itself: each of these reads a value or a data-dependent shape back."""
+    x = torch.arange(6.0) - 2
+    cases = [lambda: x.sum().item(), lambda: bool((x > 0).any()), lambda: x[x > 0], lambda: x.nonzero(),
+             lambda: float(x.max()), lambda: torch.unique(x)]
+    for fn in cases:
+        with SyncRecorder() as rec:
+            fn()
+        assert rec.syncs, fn
+    with SyncRecorder() as rec:  # what the level loop does instead
+        torch.where(x > 0, x, 0).topk(2)
+        x.masked_fill(x < 0, -math.inf).gather(0, torch.tensor([1, 2]))
+    assert rec.syncs == []
+
+    class Syncing(BeamDecoder):  # a step that branches on a tensor value: must be caught in the loop
+        def step(self, *a, **kw):
+            logits, cache = super().step(*a, **kw)
+            return (logits * 2 if bool(logits.isnan().any()) else logits), cache
+
+    sizes, codes = TRIES["random"]
+    _, levels = level_loop_syncs(Syncing(tiny_model(sizes)), random_states(2), PrefixIndex.build(codes, sizes),
+                                 beam=3, top_k=3)
+    assert levels and len(levels) == len(sizes)  # once per level
+
+
+@pytest.mark.parametrize("csr", [False, True])
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
+def test_level_loop_never_syncs_the_host(csr: bool, precision: Precision) -> None:
+    sizes, codes = TRIES["deep"]
+    model, enc = tiny_model(sizes, seed=2), random_states(3)
+    kw = {"dense_table_entries": 0, "dense_mask_bytes": 0} if csr else {}
+    index = PrefixIndex.build(codes, sizes, **kw)
+    for pack in (True, False):
+        dec = BeamDecoder(model, precision=precision)
+        dec.PACK_BELOW = 1.0 if pack else 0.0
+        for idx in (index, None):  # constrained, unconstrained
+            memory, levels = level_loop_syncs(dec, enc, idx, beam=4, top_k=4)
+            assert levels == [] and memory == ["nonzero"]  # one per search, before the loop
+        assert "memory" not in dec.__dict__  # the decoder is left as it was
+
+
+def test_compiled_step_gives_the_same_search() -> None:
+    """``compile_step`` (measured on GPUs by scripts/gpu_check.py) runs the same step through
+    torch.compile; the eager backend keeps this CPU test fast."""
+    sizes, codes = TRIES["shared-prefix"]
+    model, enc = tiny_model(sizes), random_states(2)
+    index = PrefixIndex.build(codes, sizes)
+    ref = BeamDecoder(model).search(enc, index, beam=3, top_k=3)
+    out = BeamDecoder(model, compile_step={"backend": "eager"}).search(enc, index, beam=3, top_k=3)
+    assert torch.equal(out.items, ref.items)
+    torch.testing.assert_close(out.scores, ref.scores)

@@ -9,10 +9,11 @@ from typing import NamedTuple
 from cartlib.model.cart import CartModel, EncoderStates
 from cartlib.model.fusion import FusionMode
 
-__all__ = ["RATIO_BATCH", "mean_tokens", "decoder_flops_per_query", "ratio_batch", "crossover", "Summary",
-           "summarise"]
+__all__ = ["RATIO_BATCH", "GPU_BATCH", "mean_tokens", "decoder_flops_per_query", "ratio_batch", "crossover", "Summary",
+           "summarise", "gpu_decode_rows", "gpu_summary"]
 
 RATIO_BATCH = 100  # the paper's "100 concurrent queries": ratios use this batch size, or the closest
+GPU_BATCH = 1024  # the GPU panel and GPU targets: this batch size, or the closest measured
 
 
 def mean_tokens(encoded: EncoderStates) -> float:
@@ -137,3 +138,39 @@ def summarise(table, *, flops_per_query: float, matmul_flops: float) -> Summary:
         "arithmetic_floor_fraction": num(cart_big * flops_per_query / matmul_flops),
     })
     return Summary(metrics, timings)
+
+
+def gpu_decode_rows(gpu, *, batch_size: int | None = GPU_BATCH):
+    """The measured ``decode`` rows from encoded queries of a GPU check table
+    (:func:`cartlib.bench.measure.read_gpu_rows`), at ``batch_size`` or the closest measured (None:
+    every batch)."""
+    rows = gpu[(gpu["kind"] == "decode") & (gpu["input"] == "encoded") & gpu["qps"].notna()]
+    if batch_size is None or not len(rows):
+        return rows
+    have = sorted(int(b) for b in set(rows["batch_size"].dropna()))
+    b = min(have, key=lambda x: (abs(x - batch_size), -x))
+    return rows[rows["batch_size"] == b]
+
+
+def gpu_summary(gpu) -> dict:
+    """Flat numbers of a GPU check table for timings.json (``gpu_`` keys; None where absent): the
+    device, the targets' values and pass/fail, the agreement, the crossover at the panel's batch."""
+    out: dict = {"gpu_rows": int(len(gpu))}
+    dev = gpu.loc[gpu["kind"] == "decode", "device"]
+    machine = gpu[(gpu["kind"] == "machine") & (gpu["name"] == "device")]
+    out["gpu_device"] = (machine["note"].iloc[0] if len(machine) else dev.iloc[0] if len(dev) else None)
+    for kind in ("target", "agreement", "check"):
+        for r in gpu[gpu["kind"] == kind].itertuples():
+            if r.name == "dual_tower_crossover_n":
+                continue
+            value = None if r.value != r.value else float(r.value)
+            out[f"gpu_{r.name}"] = value
+            if str(r.passed) in ("True", "False"):
+                out[f"gpu_{r.name}_passed"] = str(r.passed) == "True"
+    rows = gpu_decode_rows(gpu)
+    if len(rows):
+        b = int(rows["batch_size"].iloc[0])
+        cross = crossover(rows.astype({"n_candidates": "float64"}), batch_size=b)
+        out["gpu_panel_batch_size"] = b
+        out["gpu_crossover_n_candidates"] = None if cross is None else int(round(cross[0]))
+    return out

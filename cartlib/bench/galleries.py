@@ -28,7 +28,7 @@ import torch
 from cartlib.ids.prefix import PrefixIndex
 
 __all__ = ["MIXTURE_RANK", "FeatureMixture", "fit_feature_mixture", "sample_features", "fit_identifier_model",
-           "identify", "Gallery", "build_gallery"]
+           "identify", "Gallery", "build_gallery", "sample_features_torch", "identify_torch", "build_gallery_torch"]
 
 MIXTURE_RANK = 32  # principal directions kept per cluster when sampling galleries (module docstring)
 
@@ -148,10 +148,10 @@ class Gallery(NamedTuple):
     """One gallery of the benchmark: sampled features, their CART identifiers and prefix index."""
 
     n_candidates: int
-    features: np.ndarray  # (N, D) float32 unit rows
-    codes: np.ndarray  # (N, L) int64
+    features: np.ndarray  # (N, D) float32 unit rows (build_gallery_torch: a tensor on its device)
+    codes: np.ndarray  # (N, L) int64 (build_gallery_torch: a tensor on its device)
     level_sizes: tuple[int, ...]
-    index: PrefixIndex  # on the CPU
+    index: PrefixIndex  # on the CPU (build_gallery_torch: on its device)
     build_seconds: float
 
 
@@ -161,4 +161,122 @@ def build_gallery(mixture: FeatureMixture, identifier_model, n: int, *, seed: in
     feats = sample_features(mixture, n, seed=seed)
     codes, sizes = identify(identifier_model, feats)
     index = PrefixIndex.build(torch.from_numpy(codes), sizes)
+    return Gallery(n, feats, codes, sizes, index, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------- on a device (GPU galleries)
+# The same galleries built with torch on any device: a 10M-candidate gallery takes seconds on a GPU
+# (the NumPy path needs minutes and 15 GB of host memory). The sampler draws from the same mixture
+# with torch's generator (other draws than NumPy's); identification is the same computation as
+# :func:`identify` (tests hold the two to the same codes on the same features).
+
+def sample_features_torch(mixture: FeatureMixture, n: int, *, seed: int, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(n, D)`` unit rows drawn from ``mixture`` on ``device`` (as :func:`sample_features`, with
+    torch's generator), returned in ``dtype`` (sampled in float32)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    weights = torch.as_tensor(mixture.weights, dtype=torch.float64, device=device)
+    cluster = torch.multinomial(weights, n, replacement=True, generator=g)  # (n,)
+    means, bases, scales, resid = (torch.as_tensor(a, dtype=torch.float32, device=device) for a in
+                                   (mixture.means, mixture.bases, mixture.scales, mixture.residual_std))
+    out = torch.empty(n, means.shape[1], dtype=dtype, device=device)
+    order = torch.argsort(cluster)
+    counts = torch.bincount(cluster, minlength=len(weights)).tolist()
+    lo = 0
+    for k, c in enumerate(counts):  # one cluster at a time: no (n, r, D) intermediate
+        if c == 0:
+            continue
+        rows = order[lo:lo + c]
+        lo += c
+        z = torch.randn(c, scales.shape[1], generator=g, device=device) * scales[k]
+        x = torch.addmm(means[k][None], z, bases[k])
+        x += torch.randn(c, means.shape[1], generator=g, device=device) * resid[k]
+        out[rows] = torch.nn.functional.normalize(x, dim=1).to(dtype)
+    return out
+
+
+def identify_torch(model, features: torch.Tensor, *, chunk: int = 1 << 20) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """:func:`identify` on ``features (N, D)``'s device: ``codes (N, L)`` int64 there, level sizes.
+    Nearest K-Means centre in float64 and the RQ-VAE's nearest codes, as the NumPy path; the unique
+    token by one stable sort. ``identifiers.last_level: balanced`` needs the NumPy matching: use
+    :func:`identify` for it."""
+    prefix_of = _prefixer(model, features.device)
+    prefix = torch.cat([prefix_of(features[lo:lo + chunk]) for lo in range(0, features.shape[0], chunk)])
+    return _with_unique_token(model, prefix)
+
+
+def _prefixer(model, device: torch.device):
+    """A function ``x (n, D) -> (n, 1 + M)`` int64 prefixes ``(k, v_1..v_M)`` on ``device``."""
+    import copy
+
+    from cartlib.ids.rqvae import LastLevel
+
+    if LastLevel(model.last_level) is LastLevel.BALANCED:
+        raise ValueError("identify_torch: last_level 'balanced' is matched on the CPU; use identify()")
+    centers = torch.as_tensor(model.cluster_centers_, dtype=torch.float64, device=device)
+    c_sq = (centers ** 2).sum(1)
+    rq = model.rqvae_
+    net = copy.deepcopy(rq.model_).to(device).eval()
+    mean = torch.as_tensor(rq.mean_, dtype=torch.float32, device=device)
+    scale = np.float32(rq.scale_)
+
+    def prefix_of(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = x.float()
+            k = (c_sq[None] - 2.0 * x.double() @ centers.T).argmin(1)  # as kmeans.nearest_center
+            z = net.encode((x - centers[k].float() - mean) / scale)
+            return torch.cat((k[:, None], net.quantizer(z).codes), 1)
+
+    return prefix_of
+
+
+def _with_unique_token(model, prefix: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    u = _unique_token_torch(prefix)
+    base = (model.n_clusters,) + (model.codebook_size,) * model.n_levels
+    sizes = tuple(max(a, int(b) + 1) for a, b in zip(base, prefix.max(0).values.tolist())) + (int(u.max()) + 1,)
+    return torch.cat((prefix, u[:, None]), 1), sizes
+
+
+def _unique_token_torch(prefix: torch.Tensor) -> torch.Tensor:
+    """(N, P) prefixes -> (N,) collision counter u: 0, 1, 2, … in row order among rows sharing a
+    prefix (:func:`cartlib.ids.schemes.unique_token` without earlier items)."""
+    n = prefix.shape[0]
+    radix = (prefix.max(0).values + 1).tolist()
+    key = torch.zeros(n, dtype=torch.long, device=prefix.device)
+    for col, r in enumerate(radix):  # mixed radix: fits int64 for identifier prefixes
+        key = key * int(r) + prefix[:, col]
+    order = torch.sort(key, stable=True).indices  # stable: row order within a prefix
+    sk = key[order]
+    first = torch.ones(n, dtype=torch.bool, device=prefix.device)
+    first[1:] = sk[1:] != sk[:-1]
+    pos = torch.arange(n, device=prefix.device)
+    start = torch.cummax(torch.where(first, pos, 0), 0).values
+    u = torch.empty(n, dtype=torch.long, device=prefix.device)
+    u[order] = pos - start
+    return u
+
+
+def build_gallery_torch(mixture: FeatureMixture, identifier_model, n: int, *, seed: int,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        chunk: int = 1 << 20) -> Gallery:
+    """:func:`build_gallery` on ``device``: ``features`` is a ``(N, D)`` tensor in ``dtype`` there,
+    ``codes`` an int64 tensor there, the prefix index built there. Sampled and identified in chunks
+    (the float32 features of one chunk at a time)."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    prefix_of = _prefixer(identifier_model, device)
+    feats = torch.empty(n, identifier_model.cluster_centers_.shape[1], dtype=dtype, device=device)
+    parts = []
+    for i, lo in enumerate(range(0, n, chunk)):
+        x = sample_features_torch(mixture, min(chunk, n - lo), seed=seed * 1000 + i, device=device)
+        feats[lo:lo + len(x)] = x.to(dtype)
+        parts.append(prefix_of(x))
+        del x
+    codes, sizes = _with_unique_token(identifier_model, torch.cat(parts))
+    index = PrefixIndex.build(codes, sizes)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return Gallery(n, feats, codes, sizes, index, time.perf_counter() - t0)

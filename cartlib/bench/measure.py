@@ -37,8 +37,9 @@ from cartlib.bench.timing import PeakMemory, Timing, time_interleaved
 from cartlib.decode import BeamDecoder
 from cartlib.model.cart import CartModel, EncoderStates
 
-__all__ = ["SYSTEMS", "CART_SYSTEMS", "FAISS_SYSTEMS", "COLUMNS", "RECALL_QUERIES", "Decoder", "random_decoder",
-           "GalleryResult", "predicted_skips", "measure_gallery"]
+__all__ = ["SYSTEMS", "CART_SYSTEMS", "FAISS_SYSTEMS", "COLUMNS", "GPU_COLUMNS", "GPU_KINDS", "GPU_DECODE_SYSTEMS",
+           "RECALL_QUERIES", "Decoder", "random_decoder", "GalleryResult", "predicted_skips", "measure_gallery",
+           "read_gpu_rows"]
 
 SYSTEMS = ("cart_end_to_end", "cart_decode", "unconstrained_decode", "dual_tower_exact",
            "faiss_flat", "faiss_ivf", "faiss_hnsw")
@@ -46,6 +47,14 @@ CART_SYSTEMS = SYSTEMS[:3]
 FAISS_SYSTEMS = SYSTEMS[4:]
 COLUMNS = ("system", "device", "n_candidates", "batch_size", "beam", "qps", "latency_ms_p50", "peak_mem_mb",
            "recall_vs_exact")
+# the GPU check's CSV (scripts/gpu_check.py -> results/throughput/throughput_gpu.csv): COLUMNS and more; the
+# ``kind`` of a row says what it holds (see the script's docstring), ``input`` is "encoded" or "text"
+GPU_COLUMNS = ("kind", "name", "system", "input", "precision", "device", "n_candidates", "batch_size", "beam", "top_k",
+               "qps", "latency_ms_p50", "peak_mem_mb", "recall_vs_exact", "value", "unit", "target", "passed", "note")
+GPU_KINDS = ("machine", "train", "decode", "decode_compile", "agreement", "check", "target")
+GPU_DECODE_SYSTEMS = ("cart_decode", "unconstrained_decode", "cart_end_to_end", "dual_tower_exact",
+                      "dual_tower_end_to_end")
+_GPU_INTS = ("n_candidates", "batch_size", "beam", "top_k")
 RECALL_QUERIES = 1000  # queries scored for recall_vs_exact and the FAISS calibration
 # how a system's cost grows with N at a fixed batch (for predicting a skip from a smaller gallery)
 _N_EXPONENT = {"dual_tower_exact": 1.0, "faiss_flat": 1.0, "faiss_ivf": 0.5}
@@ -97,6 +106,22 @@ def predicted_skips(system: str, n: int, batch_sizes: Sequence[int], history: Ma
     return out
 
 
+class _no_bar:
+    """Stands in for tqdm where it is not installed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self) -> "_no_bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
 def measure_gallery(gallery: Gallery, *, decoder: Decoder, queries: QuerySet, states: Mapping[int, EncoderStates],
                     cfg, device: str | torch.device, dtype: torch.dtype, device_label: str,
                     systems: Sequence[str] = SYSTEMS, hnsw_m: int = 32, seed: int = 0,
@@ -106,7 +131,10 @@ def measure_gallery(gallery: Gallery, *, decoder: Decoder, queries: QuerySet, st
     :class:`~cartlib.config.ThroughputConfig`); ``states[B]``: the first B queries' encoder states
     under ``decoder``'s encoder. Systems are timed in groups that share what they build (CART: the
     model and prefix index; each FAISS index is built, timed and freed in turn)."""
-    from tqdm.auto import tqdm
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars only
+        tqdm = _no_bar
 
     device = torch.device(device)
     history = dict(history or {})
@@ -195,3 +223,40 @@ def measure_gallery(gallery: Gallery, *, decoder: Decoder, queries: QuerySet, st
                           {name: recall}, bar)
                 del index
     return GalleryResult(rows, skipped, info, warmups)
+
+
+def read_gpu_rows(path):
+    """The rows of a GPU check CSV (``GPU_COLUMNS``; integer columns as nullable Int64), or None when
+    ``path`` does not exist. A CSV of the former GPU script (``COLUMNS`` only, decode rows) is read
+    as ``decode`` rows (``input`` "text" for ``cart_end_to_end``, else "encoded")."""
+    import pandas as pd
+
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    frame = pd.read_csv(path, keep_default_na=True)
+    if "kind" not in frame.columns:  # the former format: one decode row per system x size x batch
+        missing = [c for c in COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; expected {list(GPU_COLUMNS)} "
+                             f"(scripts/gpu_check.py)")
+        frame = frame.assign(kind="decode", name=frame["system"],
+                             input=["text" if s == "cart_end_to_end" else "encoded" for s in frame["system"]])
+    missing = [c for c in GPU_COLUMNS if c not in frame.columns and c not in ("precision", "top_k", "value", "unit",
+                                                                              "target", "passed", "note")]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected {list(GPU_COLUMNS)} (scripts/gpu_check.py)")
+    for c in GPU_COLUMNS:
+        if c not in frame.columns:
+            frame[c] = float("nan") if c in ("top_k", "value", "target") else ""
+    frame = frame[list(GPU_COLUMNS)].copy()
+    for c in _GPU_INTS:
+        frame[c] = pd.to_numeric(frame[c], errors="coerce").round().astype("Int64")
+    for c in ("kind", "name", "system", "input", "precision", "device", "unit", "passed", "note"):
+        frame[c] = frame[c].fillna("").astype(str)
+    unknown = sorted(set(frame["kind"]) - set(GPU_KINDS))
+    if unknown:
+        raise ValueError(f"{path}: unknown row kind(s) {unknown}; expected {list(GPU_KINDS)}")
+    return frame.reset_index(drop=True)

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 
 __all__ = ["RETAIN_BYTES", "retain_freed_memory", "PeakMemory", "Timing", "sync", "time_interleaved",
-           "matmul_flops_per_second", "device_name"]
+           "matmul_flops_per_second", "device_name", "SYNC_OPS", "HostSyncRecorder", "level_loop_syncs"]
 
 RETAIN_BYTES = 256 * 2**20  # freed blocks below this stay in the process (see retain_freed_memory)
 
@@ -182,3 +182,67 @@ def device_name(device: str | torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu-{torch.get_num_threads()}core"
+
+
+# aten ops that make the host wait for the device: a value read back (.item(), bool(), int(), float()),
+# or an output whose shape depends on the data (nonzero, boolean-mask indexing, unique, masked_select)
+SYNC_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "masked_select",
+                      "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"})
+
+
+class HostSyncRecorder:
+    """Context manager recording every aten op that syncs the host with the device (``SYNC_OPS``,
+    or indexing by a bool mask), tagged with the current ``phase`` (set it while recording).
+
+    It watches the ops through a ``TorchDispatchMode``, so it works on any device, a CPU included:
+    what would sync a GPU is seen on the CPU run of the same code."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                idx = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+                masked = name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+                    isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in idx)
+                if name in SYNC_OPS or masked:
+                    recorder.syncs.append((recorder.phase, name))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self.phase = "setup"
+        self.syncs: list[tuple[str, str]] = []
+
+    def __enter__(self) -> "HostSyncRecorder":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    def ops(self, phase: str) -> list[str]:
+        return [op for p, op in self.syncs if p == phase]
+
+
+def level_loop_syncs(decoder, encoded, prefix_index, *, beam: int, top_k: int) -> tuple[list[str], list[str]]:
+    """Host-syncing ops of one :meth:`cartlib.decode.BeamDecoder.search`: ``(in the encoder-side
+    memory, after it: the level loop and the result)``. The design: one ``nonzero``, then none."""
+    rec = HostSyncRecorder()
+    memory = decoder.memory
+
+    def marked(enc):
+        rec.phase = "memory"
+        out = memory(enc)
+        rec.phase = "levels"
+        return out
+
+    decoder.memory = marked
+    try:
+        with rec:
+            decoder.search(encoded, prefix_index, beam=beam, top_k=top_k)
+    finally:
+        del decoder.memory  # the instance attribute: the class's method again
+    return rec.ops("memory"), rec.ops("levels")

@@ -13,7 +13,7 @@ from cartlib import io, metrics as M
 from cartlib.config import EvaluateConfig, Params, check_task, resolve_device
 from cartlib.data import schema
 from cartlib.data.idstore import load_identifiers
-from cartlib.decode import constrained_beam_search
+from cartlib.decode import Precision, constrained_beam_search, default_precision
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.paths import TaskPaths
 from cartlib.results import publish
@@ -39,9 +39,11 @@ class EvaluateStageResult(NamedTuple):
 
 @torch.inference_mode()
 def decode_texts(model, tokenizer, texts: list[str], index: PrefixIndex, *, beam: int, top_k: int, batch_size: int,
-                 max_length: int, progress: bool = False) -> Ranking:
+                 max_length: int, progress: bool = False, precision: Precision | str | None = None) -> Ranking:
     """Encode query texts in length-sorted batches and decode the top-k identifiers of each
-    (:func:`cartlib.decode.constrained_beam_search`, CART inference); items are gallery rows."""
+    (:func:`cartlib.decode.constrained_beam_search`, CART inference); items are gallery rows.
+    ``precision``: the decoder's compute dtype; None = :func:`cartlib.decode.default_precision` of the
+    model's device (fp16 on CUDA, fp32 on a CPU; beam scores are float32 either way)."""
     from tqdm.auto import tqdm
 
     if not texts:
@@ -57,13 +59,14 @@ def decode_texts(model, tokenizer, texts: list[str], index: PrefixIndex, *, beam
     items = np.full((q, top_k), -1, np.int64)
     scores = np.full((q, top_k), -np.inf, np.float32)
     codes = np.full((q, top_k, depth), -1, np.int64)
+    precision = default_precision(model.device) if precision is None else precision
     start = time.perf_counter()
     for lo in tqdm(range(0, q, batch_size), desc="beam search", disable=not progress, unit="batch"):
         idx = order[lo:lo + batch_size]
         batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt").to(model.device)
         enc = model.encode(batch["input_ids"], batch["attention_mask"])
-        out = constrained_beam_search(model, enc, index, beam=beam, top_k=top_k)
+        out = constrained_beam_search(model, enc, index, beam=beam, top_k=top_k, precision=precision)
         items[idx], scores[idx], codes[idx] = out.items.cpu().numpy(), out.scores.cpu().numpy(), out.codes.cpu().numpy()
     return Ranking(items, scores, codes, time.perf_counter() - start)
 

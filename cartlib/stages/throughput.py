@@ -25,17 +25,22 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from cartlib.bench.analysis import RATIO_BATCH, crossover, decoder_flops_per_query, mean_tokens, summarise
+from cartlib.bench.analysis import (GPU_BATCH, RATIO_BATCH, crossover, decoder_flops_per_query, gpu_decode_rows,
+                                    gpu_summary, mean_tokens, summarise)
 from cartlib.bench.galleries import build_gallery, fit_feature_mixture, fit_identifier_model
-from cartlib.bench.measure import COLUMNS, SYSTEMS, Decoder, measure_gallery, random_decoder
+from cartlib.bench.measure import (COLUMNS, GPU_COLUMNS, SYSTEMS, Decoder, measure_gallery, random_decoder,
+                                   read_gpu_rows)
 from cartlib.bench.queries import encode_bucketed, make_query_set
 from cartlib.bench.timing import PeakMemory, device_name, matmul_flops_per_second, retain_freed_memory
 from cartlib.decode import BeamDecoder
 from cartlib.model.cart import EncoderStates
 
-__all__ = ["ThroughputResult", "run", "GPU_ROWS"]
+__all__ = ["ThroughputResult", "run", "GPU_ROWS", "GPU_TABLE", "GPU_HOWTO", "gpu_tables"]
 
-GPU_ROWS = "throughput_gpu.csv"  # an INPUT: rows measured on a GPU machine (scripts/bench_throughput_gpu.py)
+GPU_ROWS = "throughput_gpu.csv"  # an INPUT: the GPU check's CSV (scripts/gpu_check.py), committed by hand
+GPU_TABLE = "gpu_rows"  # its rows merged into results/throughput/gpu_rows.csv (+ gpu_rows.timings.csv)
+GPU_HOWTO = ("run `python3 scripts/gpu_check.py` on a GPU machine, copy its CSV to "
+             "results/throughput/throughput_gpu.csv and rerun this stage")
 
 
 class ThroughputResult(NamedTuple):
@@ -46,6 +51,7 @@ class ThroughputResult(NamedTuple):
     galleries: object  # DataFrame: per gallery, level sizes, decoder weights, build times, FAISS settings
     skipped: object  # DataFrame: system, n_candidates, batch_size, reason
     caption: str
+    gpu: object = None  # DataFrame of the GPU check's rows (GPU_COLUMNS), None without throughput_gpu.csv
 
 
 def _require(path: Path, what: str) -> Path:
@@ -62,24 +68,37 @@ def _stage_hint(path: Path) -> str:
     return f"dvc repro data@{task}` (or `cart-stage data --task {task}"
 
 
-def _read_gpu_rows(path: Path):
+def _empty_gpu_table():
     import pandas as pd
 
-    if not path.exists():
-        return None
-    frame = pd.read_csv(path)
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected {list(COLUMNS)}")
-    return frame[list(COLUMNS)]
+    frame = pd.DataFrame({c: pd.Series(dtype="object") for c in GPU_COLUMNS})
+    for c in ("n_candidates", "batch_size", "beam", "top_k"):
+        frame[c] = frame[c].astype("Int64")
+    for c in ("qps", "latency_ms_p50", "peak_mem_mb", "recall_vs_exact", "value", "target"):
+        frame[c] = frame[c].astype("float64")
+    return frame
+
+
+def gpu_tables(gpu):
+    """What the notebook shows of the GPU check: ``(queries/s pivot of the decode rows, the train /
+    agreement / check / target rows)``, or a sentence saying that there are no GPU rows."""
+    if gpu is None or not len(gpu):
+        return f"No GPU rows: results/throughput/{GPU_ROWS} is absent; {GPU_HOWTO}."
+    dec = gpu[gpu["kind"] == "decode"].astype({"n_candidates": "float64", "qps": "float64"})
+    pivot = dec.pivot_table(index=["system", "input", "batch_size"], columns="n_candidates", values="qps").round(0)
+    checks = gpu[gpu["kind"].isin(["train", "agreement", "check", "target", "decode_compile"])][
+        ["kind", "name", "system", "n_candidates", "batch_size", "qps", "value", "unit", "target", "passed", "note"]]
+    return pivot, checks.reset_index(drop=True)
 
 
 def run(params, root: str | os.PathLike = ".", *, progress: bool = True) -> ThroughputResult:
     """The `throughput` stage: every system at every gallery size and batch size of
     ``params.throughput``; writes ``results/throughput/{throughput.csv, throughput.png, throughput.pdf,
     metrics.json, timings.json, galleries.csv, skipped.csv}`` and logs an MLflow run ``throughput``
-    (:func:`cartlib.results.publish_suite`). Rows of ``results/throughput/throughput_gpu.csv``, when
-    present, become the figure's GPU panel."""
+    (:func:`cartlib.results.publish_suite`). The rows of ``results/throughput/throughput_gpu.csv``
+    (``scripts/gpu_check.py``), when present, are merged into ``results/throughput/gpu_rows.csv``
+    (+ ``gpu_rows.timings.csv``: their measured columns), summarised in timings.json (``gpu_*``)
+    and drawn as the figure's GPU panel; without it those tables are empty and the panel says so."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -202,15 +221,19 @@ def run(params, root: str | os.PathLike = ".", *, progress: bool = True) -> Thro
     timings["allocator_retains_freed_memory"] = allocator_retains  # a property of this process
     timings["seconds"] = round(time.perf_counter() - t_start, 1)
 
-    gpu = _read_gpu_rows(out_dir / GPU_ROWS)
+    gpu = read_gpu_rows(out_dir / GPU_ROWS)
+    if gpu is not None:
+        timings.update(gpu_summary(gpu))  # read from the input file, not measured here: timings all the same
     caption = _caption(label=label, device=device, memory=memory, galleries=galleries, metrics=metrics,
                        timings=timings, cfg=cfg, gpu=gpu)
     figure = viz.throughput_figure(table, systems=SYSTEMS, ratio_batch=RATIO_BATCH, crossover=crossover,
-                                   caption=caption, extra=[gpu] if gpu is not None else [])
+                                   caption=caption, gpu=None if gpu is None else gpu_decode_rows(gpu, batch_size=None),
+                                   gpu_batch=GPU_BATCH, gpu_note=GPU_HOWTO)
     publish_suite(paths.root, "throughput", params=params, metrics=metrics, timings=timings,
-                  csv_tables={"throughput": table, "galleries": galleries, "skipped": skipped_df},
+                  csv_tables={"throughput": table, "galleries": galleries, "skipped": skipped_df,
+                              GPU_TABLE: gpu if gpu is not None else _empty_gpu_table()},
                   figures={"throughput": figure})
-    return ThroughputResult(table, figure, metrics, timings, galleries, skipped_df, caption)
+    return ThroughputResult(table, figure, metrics, timings, galleries, skipped_df, caption, gpu)
 
 
 def _processor(device: torch.device) -> str:
@@ -246,5 +269,10 @@ def _caption(*, label: str, device: torch.device, memory: PeakMemory, galleries,
         f"{timings.get('matmul_gflops', float('nan')):.0f} GFLOP/s.",
     ]
     if gpu is not None:
-        parts.append("GPU panel: rows of results/throughput/throughput_gpu.csv (scripts/bench_throughput_gpu.py).")
+        dev = timings.get("gpu_device") or "a GPU"
+        parts.append(f"GPU panel: {dev}, rows of results/throughput/{GPU_ROWS} (scripts/gpu_check.py; fp16 "
+                     f"decoding and dual tower, random-weight MiniLM-shaped query encoder, batch {GPU_BATCH:,} or the "
+                     f"closest; all GPU rows in results/throughput/{GPU_TABLE}.csv).")
+    else:
+        parts.append(f"No GPU rows (results/throughput/{GPU_ROWS} absent): {GPU_HOWTO}.")
     return " ".join(parts)

@@ -176,7 +176,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
                         warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
                         consistency_weight=cfg.consistency_weight, seed=params.base.seed, max_length=cfg.max_length,
                         checkpoint_dir=ckpt_dir, progress=progress, val=val, resume=True, key=key,
-                        precision=resolve_precision(cfg.precision, device), nproc=cfg.nproc)
+                        precision=resolve_precision(cfg.precision, device), nproc=cfg.nproc, patience=cfg.patience)
     if train_only:
         return None
     save_bundle(paths.models / out_name, model=result.model, cfg=cfg, table=table, history=result.history, key=key)
@@ -185,8 +185,10 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     metrics = {"n_train_texts": len(pairs.texts), "n_pseudo_texts": int((pairs.kinds == "pseudo").sum()),
                "n_val_queries": 0 if val is None else len(val.texts), "final_loss": last["loss"], "final_ce": last["ce"],
                "final_kl": last["kl"], "train_seconds": float(history["seconds"].sum())}
-    if "val_recall_at_1" in last:
-        metrics["val_recall_at_1"] = last["val_recall_at_1"]
+    metrics["epochs_trained"] = len(result.history)
+    if result.best_epoch is not None:  # the weights kept are the best validation epoch's
+        metrics["best_epoch"] = result.best_epoch
+        metrics["val_recall_at_1"] = result.history[result.best_epoch - 1]["val_recall_at_1"]
     figure = viz.training_curve(history, title=f"{paths.task}: CART training loss (CE + ω·KL)")
     run_id = None
     if publish_results:

@@ -39,8 +39,8 @@ from cartlib.ids.prefix import PrefixIndex
 from cartlib.ids.vocab import Vocabulary
 from cartlib.paths import TaskPaths
 from cartlib.stages.evaluate import rank_queries
-from cartlib.stages.train import build_model, load_bundle, save_bundle, training_pairs
-from cartlib.train import resolve_precision, train_cart
+from cartlib.stages.train import build_model, load_bundle, save_bundle, training_pairs, validation_set
+from cartlib.train import ValidationSet, resolve_precision, train_cart
 
 # identifier settings that change the table itself (scheme aside); anything else is training-only
 _STRUCTURE = ("n_clusters", "n_levels", "codebook_size", "latent_dim", "hidden_dim", "epochs", "lr", "beta",
@@ -105,12 +105,14 @@ class TrainedVariant(NamedTuple):
 
 
 def trained_model(cfg: TrainConfig, *, table: IdentifierTable, texts: list[str], rows: np.ndarray, seed: int,
-                  cache_dir: Path, device: str = "cpu", progress: bool = True) -> TrainedVariant:
+                  cache_dir: Path, device: str = "cpu", progress: bool = True,
+                  val: ValidationSet | None = None) -> TrainedVariant:
     """The CART model trained with ``cfg`` on ``texts`` → ``table.codes[rows]``: the cached one when
-    ``cache_dir/<settings digest>.pt`` was produced under the same key (settings and code), else
-    trained now and cached."""
+    ``cache_dir/<settings digest>.pt`` was produced under the same key (settings, data, validation
+    set and code), else trained now and cached. With ``val``: validation recall@1 after every epoch,
+    the best epoch's weights kept, early stopping after ``cfg.patience`` epochs without improvement."""
     targets = torch.tensor(table.codes[rows])
-    key = run_key(cfg, seed=seed, table=table, texts=texts, targets=targets)
+    key = run_key(cfg, seed=seed, table=table, texts=texts, targets=targets, val=val)
     path = cache_dir / f"{key.config_digest}.pt"
     if path.exists():
         try:
@@ -124,10 +126,17 @@ def trained_model(cfg: TrainConfig, *, table: IdentifierTable, texts: list[str],
                         batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
                         consistency_weight=cfg.consistency_weight, seed=seed, max_length=cfg.max_length,
-                        checkpoint_dir=None, progress=progress, key=key,
+                        checkpoint_dir=None, progress=progress, key=key, val=val, patience=cfg.patience,
                         precision=resolve_precision(cfg.precision, device), nproc=cfg.nproc)
     save_bundle(path, model=result.model, cfg=cfg, table=table, history=result.history, key=key)
     return TrainedVariant(tokenizer, result.model, result.history, key, False)
+
+
+def _qrels_val(paths: TaskPaths, dataset: schema.Dataset) -> pd.DataFrame:
+    """The validation queries' qrels (empty when the dataset has no validation split)."""
+    if not (dataset.items["split"] == "val").any():
+        return pd.DataFrame(columns=schema.QREL_COLUMNS)
+    return schema.load_qrels(paths.qrels_val, dataset, split="val")
 
 
 def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: bool = True) -> VariantResult:
@@ -142,8 +151,9 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
     pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, seed=p.base.seed,
                            refs_per_item=cfg.refs_per_item, max_train_items=cfg.max_train_items)
     table = identifier_table(p, paths, dataset, progress=progress)
+    val = validation_set(dataset, _qrels_val(paths, dataset), torch.tensor(table.codes), table.vocab.level_sizes)
     trained = trained_model(cfg, table=table, texts=pairs.texts, rows=pairs.rows, seed=p.base.seed,
-                            cache_dir=paths.models / "variants", device=device, progress=progress)
+                            cache_dir=paths.models / "variants", device=device, progress=progress, val=val)
     tokenizer, model, history, hit = trained.tokenizer, trained.model, trained.history, trained.cache_hit
     key = trained.key.config_digest
 
@@ -161,7 +171,10 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
         "level_sizes": "×".join(map(str, table.vocab.level_sizes)),
         "beam": min(p.evaluate.beam, len(gallery_ids)),
         "n_train_texts": len(pairs.texts),
-        "train_epochs": cfg.epochs,
+        "train_epochs": len(history),
+        **({} if not history or "val_recall_at_1" not in history[0] else {
+            "best_epoch": 1 + int(np.argmax([h["val_recall_at_1"] for h in history])),
+            "val_recall_at_1": max(h["val_recall_at_1"] for h in history)}),
         "train_seconds": round(float(sum(h["seconds"] for h in history)), 1),
         "eval_seconds": round(time.perf_counter() - start, 1),
         "queries_per_second": round(len(texts) / seconds, 2),
