@@ -107,6 +107,8 @@ class CaptionsConfig:
 class TrainConfig:
     freeze_encoder: bool = True  # frozen MiniLM: its states are computed once, so epochs cost only the decoder
     fusion: bool = True  # CART's two-branch coarse-to-fine fusion; false = cross-attention to the last layer
+    fusion_branches: str = "both"  # with fusion: both (CART) | coarse | fine (one branch, a control)
+    match_fusion_params: bool = False  # a decoder without both branches gets the fused one's trainable-parameter count (wider FFN)
     caption_enhancement: bool = True  # pseudo-captions of every gallery item → its identifier
     consistency_weight: float = 1.0  # ω of the symmetric-KL (R-Drop) term; 0 = the ablation
     d_model: int = 256  # decoder width
@@ -393,6 +395,8 @@ def _check_train_eval(obj: Any, where: str) -> None:
                 raise ConfigError(f"{where}.{name}: must be ≥ 0 (0 = all), got {getattr(obj, name)}")
         if obj.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"{where}.precision: {obj.precision!r} is not one of 'auto', 'fp32', 'bf16'")
+        if obj.fusion_branches not in ("both", "coarse", "fine"):
+            raise ConfigError(f"{where}.fusion_branches: {obj.fusion_branches!r} is not one of 'both', 'coarse', 'fine'")
         if obj.patience < 0:
             raise ConfigError(f"{where}.patience: must be ≥ 0 (0 = train every epoch), got {obj.patience}")
         if obj.nproc < 1:

@@ -24,6 +24,8 @@ from cartlib.data.idstore import IdentifierTable, load_identifiers
 from cartlib.encoders.text import load_text_encoder
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.model.cart import CartModel
+from cartlib.model.fusion import FusionMode
+from cartlib.model.sizing import matched_d_ff, trainable_parameters
 from cartlib.paths import TaskPaths
 from cartlib.results import publish
 from cartlib.train import ValidationSet, resolve_precision, train_cart
@@ -104,11 +106,25 @@ def _check_pseudo_captions(dataset: schema.Dataset, pseudo: pd.DataFrame) -> Non
             "captions.tsv), then rerun the data stage. Or turn it off knowingly: train.caption_enhancement: false.")
 
 
+def fusion_mode(cfg: TrainConfig) -> FusionMode:
+    """``train.fusion`` + ``train.fusion_branches`` → the decoder's cross-attention."""
+    if not cfg.fusion:
+        return FusionMode.LAST_LAYER
+    return {"both": FusionMode.TWO_BRANCH, "coarse": FusionMode.COARSE, "fine": FusionMode.FINE}[cfg.fusion_branches]
+
+
 def build_model(cfg: TrainConfig, level_sizes) -> tuple[object, CartModel]:
+    """MiniLM + the decoder of ``cfg``; with ``match_fusion_params`` a decoder without both fusion
+    branches gets the feed-forward width that gives it the fused decoder's trainable-parameter count."""
     tokenizer, encoder = load_text_encoder()
+    mode = fusion_mode(cfg)
+    d_ff = None
+    if cfg.match_fusion_params and mode is not FusionMode.TWO_BRANCH:
+        d_ff, _, _ = matched_d_ff(encoder, level_sizes=level_sizes, d_model=cfg.d_model, n_layers=cfg.n_layers,
+                                  n_heads=cfg.n_heads, fusion=mode)
     model = CartModel(text_encoder=encoder, freeze_encoder=cfg.freeze_encoder, level_sizes=level_sizes,
                       d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, dropout=cfg.dropout,
-                      fusion=cfg.fusion)
+                      fusion=mode, d_ff=d_ff)
     return tokenizer, model
 
 
@@ -185,6 +201,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     metrics = {"n_train_texts": len(pairs.texts), "n_pseudo_texts": int((pairs.kinds == "pseudo").sum()),
                "n_val_queries": 0 if val is None else len(val.texts), "final_loss": last["loss"], "final_ce": last["ce"],
                "final_kl": last["kl"], "train_seconds": float(history["seconds"].sum())}
+    metrics["trainable_params"] = trainable_parameters(result.model)
     metrics["epochs_trained"] = len(result.history)
     if result.best_epoch is not None:  # the weights kept are the best validation epoch's
         metrics["best_epoch"] = result.best_epoch

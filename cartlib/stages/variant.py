@@ -37,6 +37,7 @@ from cartlib.data.idstore import IdentifierTable, load_identifiers
 from cartlib.ids import build_identifier_model
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.ids.vocab import Vocabulary
+from cartlib.model.sizing import trainable_parameters
 from cartlib.paths import TaskPaths
 from cartlib.stages.evaluate import rank_queries
 from cartlib.stages.train import build_model, load_bundle, save_bundle, training_pairs, validation_set
@@ -171,6 +172,7 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
         "level_sizes": "×".join(map(str, table.vocab.level_sizes)),
         "beam": min(p.evaluate.beam, len(gallery_ids)),
         "n_train_texts": len(pairs.texts),
+        "trainable_params": trainable_parameters(model),
         "train_epochs": len(history),
         **({} if not history or "val_recall_at_1" not in history[0] else {
             "best_epoch": 1 + int(np.argmax([h["val_recall_at_1"] for h in history])),
