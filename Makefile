@@ -13,7 +13,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: reproduce test env lock stage-path clean-env help
+.PHONY: reproduce test env lock stage-path clean-env help queue-grid
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -32,6 +32,12 @@ reproduce: $(STAMP)  ## run the whole DVC pipeline on the built-in benchmark (de
 
 test: $(STAMP)  ## run the test suite (unit tests + smoke-scale pipeline)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+JOBS ?= 2
+queue-grid: $(STAMP)  ## the ablation rows as queued DVC experiments, JOBS at a time, collected (docs/parallel.md; ROWS=…, FORCE=--force)
+	$(BIN)/python scripts/queue_grid.py queue $(FORCE) $(ROWS)
+	$(BIN)/python scripts/queue_grid.py start --jobs $(JOBS)
+	$(BIN)/python scripts/queue_grid.py collect --repro
 
 stage-path:  ## print the PATH under which `make reproduce` runs the stage commands
 	@echo "$(STAGE_PATH)"
