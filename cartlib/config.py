@@ -83,6 +83,7 @@ class IdentifiersConfig:
     lr: float = 0.002
     beta: float = 0.25  # commitment weight (standard VQ-VAE value)
     batch_size: int = 256
+    seed: int = 0  # K-Means and RQ-VAE initialisation (not base.seed, which regenerates the benchmark)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class TrainConfig:
     refs_per_item: int = 0  # reference captions per train item used for training (0 = all); fewer = faster
     max_train_items: int = 0  # train items used (0 = all; the test gallery's pseudo-captions always are)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16
+    seed: int = 0  # decoder initialisation, shuffles, dropout (not base.seed, which regenerates the benchmark)
     nproc: int = 1  # data-parallel worker processes (torch.distributed; one GPU each on CUDA)
 
 

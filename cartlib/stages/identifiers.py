@@ -40,7 +40,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True) -> Identifie
                                        codebook_size=cfg.codebook_size, latent_dim=cfg.latent_dim,
                                        hidden_dim=cfg.hidden_dim, epochs=cfg.epochs, lr=cfg.lr, beta=cfg.beta,
                                        batch_size=cfg.batch_size, last_level=cfg.last_level,
-                                       seed=params.base.seed,
+                                       seed=params.identifiers.seed,
                                        device=resolve_device(params.base.device), progress=progress)
         model.fit(feats.items)
         health = identifier_health(model.codes_, model.level_sizes_, has_unique_token=model.has_unique_token,

@@ -175,7 +175,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
                              item_ids=dataset.items["item_id"].to_numpy())
     pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, seed=params.base.seed,
                            refs_per_item=cfg.refs_per_item, max_train_items=cfg.max_train_items)
-    torch.manual_seed(params.base.seed)
+    torch.manual_seed(cfg.seed)  # the training seed: initialisation (then batch order and dropout)
     tokenizer, model = build_model(cfg, table.vocab.level_sizes)
     model = model.to(device)
     codes = torch.tensor(table.codes)  # a copy: the stored table is read-only
@@ -185,12 +185,12 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     val = validation_set(dataset, qrels_val, codes, table.vocab.level_sizes)
     ckpt_dir = paths.models / (out_name.removesuffix(".pt") + "_checkpoints")
     targets = codes[torch.tensor(pairs.rows)]
-    key = run_key(cfg, seed=params.base.seed, table=table, texts=pairs.texts, targets=targets, val=val)
+    key = run_key(cfg, seed=cfg.seed, table=table, texts=pairs.texts, targets=targets, val=val)
     # resumes an interrupted run under the same key; a stale checkpoint is ignored (train_cart says why)
     result = train_cart(model, tokenizer=tokenizer, texts=pairs.texts, codes=targets, epochs=cfg.epochs,
                         batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-                        consistency_weight=cfg.consistency_weight, seed=params.base.seed, max_length=cfg.max_length,
+                        consistency_weight=cfg.consistency_weight, seed=cfg.seed, max_length=cfg.max_length,
                         checkpoint_dir=ckpt_dir, progress=progress, val=val, resume=True, key=key,
                         precision=resolve_precision(cfg.precision, device), nproc=cfg.nproc, patience=cfg.patience)
     if train_only:

@@ -45,7 +45,7 @@ from cartlib.train import ValidationSet, resolve_precision, train_cart
 
 # identifier settings that change the table itself (scheme aside); anything else is training-only
 _STRUCTURE = ("n_clusters", "n_levels", "codebook_size", "latent_dim", "hidden_dim", "epochs", "lr", "beta",
-              "batch_size", "last_level")
+              "batch_size", "last_level", "seed")
 
 
 class VariantResult(NamedTuple):
@@ -88,7 +88,7 @@ def identifier_table(params: Params, paths: TaskPaths, dataset: schema.Dataset, 
     model = build_identifier_model(cfg.scheme, n_clusters=cfg.n_clusters, n_levels=cfg.n_levels,
                                    codebook_size=cfg.codebook_size, latent_dim=cfg.latent_dim,
                                    hidden_dim=cfg.hidden_dim, epochs=cfg.epochs, lr=cfg.lr, beta=cfg.beta,
-                                   batch_size=cfg.batch_size, last_level=cfg.last_level, seed=params.base.seed,
+                                   batch_size=cfg.batch_size, last_level=cfg.last_level, seed=cfg.seed,
                                    device=resolve_device(params.base.device), progress=progress)
     model.fit(feats.items)
     vocab = Vocabulary(level_sizes=tuple(int(s) for s in model.level_sizes_))
@@ -153,7 +153,7 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
                            refs_per_item=cfg.refs_per_item, max_train_items=cfg.max_train_items)
     table = identifier_table(p, paths, dataset, progress=progress)
     val = validation_set(dataset, _qrels_val(paths, dataset), torch.tensor(table.codes), table.vocab.level_sizes)
-    trained = trained_model(cfg, table=table, texts=pairs.texts, rows=pairs.rows, seed=p.base.seed,
+    trained = trained_model(cfg, table=table, texts=pairs.texts, rows=pairs.rows, seed=cfg.seed,
                             cache_dir=paths.models / "variants", device=device, progress=progress, val=val)
     tokenizer, model, history, hit = trained.tokenizer, trained.model, trained.history, trained.cache_hit
     key = trained.key.config_digest
