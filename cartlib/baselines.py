@@ -74,7 +74,8 @@ def recall_vs_exact(found: np.ndarray, exact: np.ndarray) -> float:
 
 def faiss_indexes(items: np.ndarray, cfg, seed: int) -> dict[str, object]:
     """Flat, IVF and HNSW inner-product indexes over ``items (N, D)`` (unit vectors) with the fixed
-    settings of ``cfg`` (a :class:`~cartlib.config.BaselinesConfig`)."""
+    settings of ``cfg`` (a :class:`~cartlib.config.BaselinesConfig`). The HNSW graph is built on one
+    thread, so the same items give the same graph (and the same ranked lists) on every run."""
     import faiss
 
     d = items.shape[1]
@@ -87,7 +88,12 @@ def faiss_indexes(items: np.ndarray, cfg, seed: int) -> dict[str, object]:
     ivf.add(items)
     ivf.nprobe = min(cfg.ivf_nprobe, nlist)
     hnsw = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    hnsw.add(items)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # a graph built by several threads depends on their timing; the run files must not
+    try:
+        hnsw.add(items)
+    finally:
+        faiss.omp_set_num_threads(threads)
     hnsw.hnsw.efSearch = cfg.hnsw_ef_search
     return {"faiss_flat": flat, "faiss_ivf": ivf, "faiss_hnsw": hnsw}
 

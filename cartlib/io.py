@@ -68,9 +68,16 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
 
 
 def write_dataframe_tsv(path: str | os.PathLike, frame) -> Path:
-    """Write a pandas DataFrame as a tab-separated file with a header and no index."""
+    """Write a pandas DataFrame as a tab-separated file with a header and no index; gzip-compressed
+    when ``path`` ends in ``.gz`` (the same frame gives the same bytes)."""
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, sep="\t", index=False)
+        if str(path).endswith(".gz"):  # no name, no time in the gzip header: byte-stable
+            import gzip
+
+            with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as out:
+                out.write(frame.to_csv(sep="\t", index=False).encode())
+        else:
+            frame.to_csv(tmp, sep="\t", index=False)
     return Path(path)
 
 

@@ -1,32 +1,44 @@
 """Stage `report`: the main and ablation tables and ``results/REPORT.md``, from the stages' results.
 
-Reads only what the other stages wrote (``results/**/metrics.json`` with its ``timings.json``, ``run.tsv``,
-tables with their ``.timings.tsv``; see ``cartlib.results``) and the
-qrels; computes nothing expensive. Every claim of the paper gets our evidence, a verdict and the
-paper's number beside ours. Differences between two generative rows are *paired* (the same test
-queries), with a 95% interval from the per-query hits, so a verdict is not read into noise:
+Reads only what the other stages wrote (``results/**/metrics.json`` with its ``timings.json``, the
+per-query ``run.tsv`` files, tables with their ``.timings.tsv``; see ``cartlib.results``), the qrels
+and ``dvc.lock``; computes nothing expensive. Every claim of the paper gets our evidence, the
+paper's number beside ours, absolute and relative, and a verdict by the rules of
+:mod:`cartlib.stats`: a claim about two systems is decided on the paired difference of their
+per-query hit@1 over the same test queries, with a 95% two-level paired bootstrap interval (seeds,
+then queries); *holds* / *refuted* only when the interval excludes 0 (or, for "adds little", lies
+within ±1 pt), otherwise *inconclusive*.
 
-- "holds": the evidence points the paper's way beyond the interval;
-- "does not hold": it points the other way (or not at all) beyond the interval;
-- "mixed": the interval covers zero, or the tasks disagree.
+**Rows and seeds.** A row (a system: the CART run, a baseline, a compare scheme, an ablation row)
+is one or more run files, one per training seed, beside the row's ``metrics.json``::
+
+    <row folder>/<run file>            the run of params.yaml's base.seed
+    <row folder>/seed_<s>/<run file>   the same row trained and evaluated with seed <s>
+
+with ``<row folder>`` e.g. ``results/evaluate/<task>``, ``results/ablations/<task>/<row>``,
+``results/baselines/<task>`` and ``<run file>`` ``run.tsv`` (``runs/<system>.tsv.gz`` for the
+baselines). A ``seed_<base.seed>`` folder replaces the top-level file. Every seed of a row must score
+the same queries; the comparison keeps the queries all runs of both rows scored.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import re
+import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from cartlib import io
+from cartlib import io, stats
 from cartlib.config import Params
-from cartlib.data import schema
-from cartlib.tracking import git_sha
+from cartlib.metrics import applicable
+from cartlib.stats import Kind, PairedCI, Verdict
 
 METRICS = ("recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10")
+CUTOFF = {"recall_at_1": 1, "recall_at_5": 5, "recall_at_10": 10, "mrr_at_10": 10}
 SCHEME_NAMES = {
     "cart": "CART identifiers (K-Means + RQ-VAE + u)",
     "atomic": "atomic ids (GRACE-style)",
@@ -43,11 +55,21 @@ PAPER_ABLATION = {
     "no_kmeans": (79.50, 97.52, 86.12),
     "no_rqvae": (76.22, 96.16, 83.31),
 }
+# the paper's Table 4 rows by the size of their drop (largest first); caption enhancement is not among them
+PAPER_RANKED = ("no_fusion", "no_rqvae", "no_kmeans", "no_consistency")
+ROW_NAMES = {"no_fusion": "fusion", "no_rqvae": "RQ-VAE", "no_kmeans": "K-Means", "no_consistency": "consistency loss",
+             "no_caption_enhancement": "caption enhancement"}
 PAPER_MAIN = {  # task: (dataset, best dual-tower R@1, CART R@1)
     "image": ("Flickr30K", 74.9, 81.8),
     "audio": ("Clotho", 22.4, 46.4),
     "video": ("MSR-VTT", 49.3, 52.6),
 }
+PAPER_GRACE = ("Flickr30K", 68.4, 81.78)  # GRACE (atomic ids, another model) vs CART, R@1 %
+# the stages whose results the report reads: their dvc.lock entries identify what produced them
+READS = ("features", "evaluate", "baselines", "compare", "ablations", "tsne", "throughput")
+CLAIM_COLUMNS = ["claim", "task", "ours", "kind", "delta", "ci_low", "ci_high", "rel_delta", "n_queries", "n_seeds",
+                 "paper", "paper_delta", "paper_rel_delta", "verdict", "evidence"]
+KIND_TEXT = {Kind.HIGHER: "Δ > 0", Kind.LOWER: "Δ < 0", Kind.EQUIVALENT: "|Δ| ≤ 0.01", Kind.RANKING: "gaps > 0"}
 
 
 class ReportResult(NamedTuple):
@@ -55,6 +77,13 @@ class ReportResult(NamedTuple):
     ablations: pd.DataFrame
     claims: pd.DataFrame
     markdown: str
+
+
+class Provenance(NamedTuple):
+    inputs_sha256: str | None  # sha256 of the READS stages' deps (path, md5) and params in dvc.lock
+    n_stages: int
+    commit: str | None  # the commit that recorded these dvc.lock entries (None: not committed, or no git)
+    note: str
 
 
 def _json(path: Path) -> dict | None:
@@ -79,33 +108,98 @@ def _table(path: Path) -> pd.DataFrame | None:
     return frame
 
 
+def _number(v) -> float:
+    """A metric as a float; None (not applicable, JSON null) → NaN."""
+    return float("nan") if v is None else float(v)
+
+
+def read_run(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", dtype={"query_id": str, "item_id": str}, keep_default_na=False)
+
+
 def hits_at_1(run_path: Path, qrels: pd.DataFrame) -> pd.Series:
-    """Per query of the run: 1 if its rank-1 item is relevant (run.tsv contract), indexed by query_id.
-    Queries of the run with no rank-1 row count as misses; queries not in the run are left out."""
-    run = pd.read_csv(run_path, sep="\t", dtype={"query_id": str, "item_id": str})
-    top = run[run["rank"] == 1].set_index("query_id")["item_id"]
-    gold = qrels[qrels["query_id"].isin(set(run["query_id"]))].groupby("query_id")["item_id"].apply(set)
-    return pd.Series([float(top.get(q) in gold[q]) for q in gold.index], index=gold.index)
+    """Per query of the run: 1.0 if its rank-1 item is relevant (run.tsv contract), indexed by query_id
+    (sorted). Queries of the run with no rank-1 row count as misses; queries not in the run are left out."""
+    run = read_run(run_path)
+    queries = pd.Index(sorted(set(run["query_id"]) & set(qrels["query_id"])), name="query_id")
+    top = run.loc[run["rank"] == 1, ["query_id", "item_id"]]
+    hit = top.merge(qrels[["query_id", "item_id"]].drop_duplicates(), on=["query_id", "item_id"])["query_id"]
+    return pd.Series(queries.isin(set(hit)).astype(float), index=queries)
 
 
-def paired_delta(a: pd.Series, b: pd.Series) -> tuple[float, float]:
-    """Mean of ``a − b`` over their common queries and its 95% half-width (normal approximation)."""
-    common = a.index.intersection(b.index)
-    d = a[common].to_numpy() - b[common].to_numpy()
-    if len(d) < 2:
-        return float("nan"), float("nan")
-    return float(d.mean()), float(1.96 * d.std(ddof=1) / math.sqrt(len(d)))
+def seed_runs(folder: Path, name: str, base_seed: int) -> dict[int, Path]:
+    """The run files of one row, by seed (see the module docstring): ``folder/name`` for ``base_seed``
+    and ``folder/seed_<s>/name`` for each other seed that has one."""
+    runs = {base_seed: folder / name} if (folder / name).exists() else {}
+    for d in sorted(folder.glob("seed_*")) if folder.is_dir() else ():
+        m = re.fullmatch(r"seed_(\d+)", d.name)
+        if m and (d / name).exists():
+            runs[int(m.group(1))] = d / name
+    return dict(sorted(runs.items()))
 
 
-def verdict_lower(delta: float, half: float) -> str:
-    """Claim "removing X lowers recall": delta = ablated − full."""
-    if math.isnan(delta):
-        return "not measured"
-    if delta + half < 0:
-        return "holds"
-    if delta - half > 0:
-        return "does not hold"
-    return "mixed"
+class Evidence:
+    """Per-query hits of the rows of one results tree, read once, and the paired intervals between them."""
+
+    def __init__(self, root: Path, params: Params, *, n_resamples: int = stats.DEFAULT_RESAMPLES):
+        self.root, self.params, self.n_resamples = Path(root), params, n_resamples
+        self._qrels: dict[str, pd.DataFrame | None] = {}
+        self._hits: dict[Path, pd.Series] = {}
+        self._cis: dict[tuple, PairedCI | None] = {}
+
+    def qrels(self, task: str) -> pd.DataFrame | None:
+        if task not in self._qrels:
+            path = self.root / "data" / task / "qrels.tsv"
+            self._qrels[task] = pd.read_csv(path, sep="\t", dtype=str) if path.exists() else None
+        return self._qrels[task]
+
+    def hits(self, task: str, folder: str, name: str = "run.tsv") -> list[pd.Series]:
+        """hit@1 per query of each seed's run of the row ``results/<folder>`` ([] if none or no qrels)."""
+        qrels = self.qrels(task)
+        if qrels is None:
+            return []
+        out = []
+        for path in seed_runs(self.root / "results" / folder, name, self.params.base.seed).values():
+            if path not in self._hits:
+                self._hits[path] = hits_at_1(path, qrels)
+            out.append(self._hits[path])
+        return out
+
+    def compare(self, task: str, a: tuple[str, ...], b: tuple[str, ...]) -> PairedCI | None:
+        """Paired interval of mean hit@1 of row ``a`` − row ``b`` (each ``(folder[, run file])`` under
+        results/); None when either has no run."""
+        key = (task, a, b)
+        if key not in self._cis:
+            ha, hb = self.hits(task, *a), self.hits(task, *b)
+            self._cis[key] = stats.compare(ha, hb, n_resamples=self.n_resamples) if ha and hb else None
+        return self._cis[key]
+
+    def run_depth(self, task: str, folder: str, name: str = "run.tsv") -> int | None:
+        """The deepest rank of the row's base-seed run (the list length it was cut at)."""
+        path = self.root / "results" / folder / name
+        return int(read_run(path)["rank"].max()) if path.exists() else None
+
+
+def _claim(claim: str, task: str, ours: str, kind: Kind, ci: PairedCI | None, reference: float, paper: str,
+           paper_delta: float, paper_reference: float, evidence: str, verdict: Verdict | None = None,
+           shown: PairedCI | None = None) -> dict:
+    """One claims row; ``shown`` (default ``ci``) is the interval displayed, ``verdict`` overrides the rule's."""
+    shown = shown if shown is not None else ci
+    return {"claim": claim, "task": task, "ours": ours, "kind": KIND_TEXT[kind],
+            "delta": shown.delta if shown else float("nan"), "ci_low": shown.low if shown else float("nan"),
+            "ci_high": shown.high if shown else float("nan"),
+            "rel_delta": stats.relative(shown.delta, reference) if shown else float("nan"),
+            "n_queries": shown.n_queries if shown else 0,
+            "n_seeds": f"{shown.n_seeds_a} / {shown.n_seeds_b}" if shown else "",
+            "paper": paper, "paper_delta": paper_delta,
+            "paper_rel_delta": stats.relative(paper_delta, paper_reference),
+            "verdict": str(verdict if verdict is not None else stats.verdict(kind, ci)), "evidence": evidence}
+
+
+def _other_claim(claim: str, task: str, ours: str, paper: str, verdict: str, evidence: str) -> dict:
+    """A claim without a paired per-query comparison (a measurement ratio, a figure)."""
+    return {**_claim(claim, task, ours, Kind.HIGHER, None, float("nan"), paper, float("nan"), float("nan"),
+                     evidence, verdict=Verdict(verdict)), "kind": "—"}
 
 
 def main_table(root: Path, params: Params) -> pd.DataFrame:
@@ -134,148 +228,170 @@ def main_table(root: Path, params: Params) -> pd.DataFrame:
             rows.append({"task": task, "system": "**CART** (main run)", "schedule": "main", **cart})
     cols = ["task", "system", "schedule", *METRICS, "queries_per_second", "n_queries", "n_candidates"]
     frame = pd.DataFrame(rows)
-    return frame.reindex(columns=cols) if len(frame) else pd.DataFrame(columns=cols)
+    frame = frame.reindex(columns=cols) if len(frame) else pd.DataFrame(columns=cols)
+    for c in METRICS:  # null (not applicable) → NaN → an empty cell
+        frame[c] = pd.to_numeric(frame[c], errors="coerce").astype(float)
+    return frame
 
 
-def ablation_table(root: Path, params: Params) -> pd.DataFrame:
+def ablation_table(root: Path, params: Params, evidence: Evidence | None = None) -> pd.DataFrame:
+    """One row per ablation row: its metrics (empty where its lists are shorter than the cut-off), the
+    change against the full row with the paired 95% interval of the R@1 change, absolute and relative
+    to the full row, and the paper's changes beside them."""
+    ev = evidence or Evidence(root, params)
     task = params.ablations.task
-    qrels_path = root / "data" / task / "qrels.tsv"
-    qrels = pd.read_csv(qrels_path, sep="\t", dtype=str) if qrels_path.exists() else None
-    base_dir = root / "results" / "ablations" / task
-    full_hits = hits_at_1(base_dir / "full" / "run.tsv", qrels) \
-        if qrels is not None and (base_dir / "full" / "run.tsv").exists() else None
-    full = _json(base_dir / "full" / "metrics.json")
+    base = root / "results" / "ablations" / task
+    full = _json(base / "full" / "metrics.json")
     rows = []
     for row, overrides in params.ablations.rows.items():
-        m = _json(base_dir / row / "metrics.json")
+        m = _json(base / row / "metrics.json")
         if m is None:
             continue
+        depth = ev.run_depth(task, f"ablations/{task}/{row}")
+        values = {k: _number(m.get(k)) for k in ("recall_at_1", "recall_at_10", "mrr_at_10")}
+        for k in values:  # a row whose lists are shorter than the cut-off has no such metric
+            if depth is not None and not applicable(CUTOFF[k], depth, m.get("n_candidates")):
+                values[k] = float("nan")
         rec = {"row": row, "overrides": json.dumps(overrides, sort_keys=True), "level_sizes": m.get("level_sizes"),
-               "beam": m.get("beam"), **{k: m[k] for k in ("recall_at_1", "recall_at_10", "mrr_at_10")}}
+               "beam": m.get("beam"), "n_seeds": len(ev.hits(task, f"ablations/{task}/{row}")), **values}
         if full:
-            for k in ("recall_at_1", "recall_at_10", "mrr_at_10"):
-                rec[f"delta_{k}"] = m[k] - full[k]
-        if full_hits is not None and row != "full":
-            d, h = paired_delta(hits_at_1(base_dir / row / "run.tsv", qrels), full_hits)
-            rec["delta_r1_ci95"] = h
+            for k in values:
+                rec[f"delta_{k}"] = values[k] - _number(full.get(k))
+            rec["rel_delta_recall_at_1"] = stats.relative(rec["delta_recall_at_1"], _number(full.get("recall_at_1")))
+        ci = ev.compare(task, (f"ablations/{task}/{row}",), (f"ablations/{task}/full",)) if row != "full" else None
+        rec["delta_r1_ci95_low"] = ci.low if ci else float("nan")
+        rec["delta_r1_ci95_high"] = ci.high if ci else float("nan")
         paper = PAPER_ABLATION.get(row)
         if paper:
             full_p = PAPER_ABLATION["full"]
             rec["paper_delta_r1"] = round((paper[0] - full_p[0]) / 100, 4)
+            rec["paper_rel_delta_r1"] = round((paper[0] - full_p[0]) / full_p[0], 4)
             rec["paper_delta_r10"] = round((paper[1] - full_p[1]) / 100, 4)
             rec["paper_delta_mrr10"] = round((paper[2] - full_p[2]) / 100, 4)
         rows.append(rec)
-    return pd.DataFrame(rows)
+    cols = ["row", "overrides", "level_sizes", "beam", "n_seeds", "recall_at_1", "recall_at_10", "mrr_at_10",
+            "delta_recall_at_1", "delta_r1_ci95_low", "delta_r1_ci95_high", "rel_delta_recall_at_1",
+            "delta_recall_at_10", "delta_mrr_at_10", "paper_delta_r1", "paper_rel_delta_r1", "paper_delta_r10",
+            "paper_delta_mrr10"]
+    return pd.DataFrame(rows).reindex(columns=cols) if rows else pd.DataFrame(columns=cols)
 
 
-def claims_table(root: Path, params: Params, main: pd.DataFrame, abl: pd.DataFrame) -> pd.DataFrame:
-    claims = []
+def _fmt_ci(ci: PairedCI | None) -> str:
+    return "no run" if ci is None else f"{ci.delta:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
+
+
+def _mean(hits: list[pd.Series]) -> float:
+    return float(np.mean([h.mean() for h in hits])) if hits else float("nan")
+
+
+def _ranking_claim(ev: Evidence, abl_task: str, position: int, means: dict[str, float],
+                   full_r1: float, note: str) -> dict:
+    """"Removing ``PAPER_RANKED[position]`` costs the (position+1)-th largest drop of the paper's four":
+    the row must score above the rows the paper ranks before it and below those after it. Tested on the
+    gaps to its nearest competitors in our data (the ones that could break the order) and on its own
+    drop; each interval oriented so that the paper's order means > 0."""
+    row = PAPER_RANKED[position]
+    claim = ("Fusion matters most (largest drop when removed, among the paper's four ablations)" if position == 0
+             else f"The {ROW_NAMES[row]} matters next (drop ranked {position + 1} of the paper's four)")
+    missing = _claim(claim, abl_task, "needs the row and at least one other of the paper's four ablation rows",
+                     Kind.RANKING, None, full_r1, "", float("nan"), float("nan"), "results/tables/ablations.md")
+    if row not in means or len(means) < 2:
+        return missing
+    folder = lambda r: (f"ablations/{abl_task}/{r}",)
+    others = sorted((r for r in means if r != row), key=lambda r: (means[r], r))  # largest drop first
+    gaps = []  # (competitor, sign, CI of sign · (row − competitor)): the paper's order means > 0
+    if position >= 1 and len(others) >= position:  # the rows ranked before it must score lower
+        above = others[position - 1]
+        gaps.append((above, 1, ev.compare(abl_task, folder(row), folder(above))))
+    if position < len(others):  # the rows ranked after it must score higher
+        below = others[position]
+        gaps.append((below, -1, ev.compare(abl_task, folder(below), folder(row))))
+    drop = ev.compare(abl_task, folder(row), folder("full"))
+    if not gaps or drop is None or any(c is None for *_, c in gaps):
+        return missing
+    oriented_drop = drop._replace(delta=-drop.delta, low=-drop.high, high=-drop.low)
+    shown_name, sign, shown = min(gaps, key=lambda g: g[2].low)  # the weakest link of the order
+    paper = lambda r: PAPER_ABLATION[r][0]
+    paper_gap = sign * (paper(row) - paper(shown_name)) / 100
+    name = lambda r: f"w/o {ROW_NAMES.get(r, r)} {means[r]:.3f}"
+    gap_text = "; ".join(f"{name(row) if s > 0 else name(r)} − {name(r) if s > 0 else name(row)}: {_fmt_ci(c)}"
+                         for r, s, c in gaps)
+    return _claim(claim, abl_task,
+                  f"{gap_text}; w/o {ROW_NAMES[row]} − full {full_r1:.3f}: {_fmt_ci(drop)}{note}",
+                  Kind.RANKING, None, full_r1,
+                  f"w/o {ROW_NAMES[row]} {paper(row):.2f}, w/o {ROW_NAMES[shown_name]} {paper(shown_name):.2f}, "
+                  f"full {paper('full'):.2f}", paper_gap, PAPER_ABLATION["full"][0] / 100,
+                  "results/tables/ablations.md",
+                  verdict=stats.verdict(Kind.RANKING, [c for *_, c in gaps] + [oriented_drop]), shown=shown)
+
+
+def claims_table(root: Path, params: Params, main: pd.DataFrame, abl: pd.DataFrame,
+                 evidence: Evidence | None = None) -> pd.DataFrame:
+    ev = evidence or Evidence(root, params)
     res = root / "results"
-    # 1. CART beats the dual-tower baseline (paper Table 2/3)
-    per_task = []
+    claims = []
+    # 1. CART beats the dual-tower baseline (paper Table 2/3), and (not in the paper) the dual tower fused
+    #    with pseudo-caption matching, which uses the same pseudo-captions without generation
     for task in params.base.tasks:
-        cart, dual = _json(res / "evaluate" / task / "metrics.json"), _json(res / "features" / task / "metrics.json")
-        if cart and dual:
-            qrels = pd.read_csv(root / "data" / task / "qrels.tsv", sep="\t", dtype=str)
-            d, h = paired_delta(hits_at_1(res / "evaluate" / task / "run.tsv", qrels),
-                                hits_at_1(res / "features" / task / "run.tsv", qrels))
-            per_task.append((task, cart["recall_at_1"], dual["recall_at_1"], d, h))
-    if per_task:
-        signs = [verdict_lower(-d, h) for _, _, _, d, h in per_task]
-        verdict = signs[0] if len(set(signs)) == 1 else "mixed"
-        ours = "; ".join(f"{t}: {c:.3f} vs {b:.3f} (Δ {d:+.3f} ± {h:.3f})" for t, c, b, d, h in per_task)
-        paper = "; ".join(f"{t} ({PAPER_MAIN[t][0]}): {PAPER_MAIN[t][2]} vs {PAPER_MAIN[t][1]}" for t, *_ in per_task)
-        claims.append(("CART beats the dual-tower baseline (R@1)", ours, paper, verdict,
-                       "results/tables/main.md; results/evaluate/<task>/comparison.tsv"))
-    # 1b. the honest counterpart: the same pseudo-captions without generation
-    parts = []
+        ci = ev.compare(task, (f"evaluate/{task}",), (f"features/{task}",))
+        if ci:
+            dataset, dual_p, cart_p = PAPER_MAIN.get(task, ("—", float("nan"), float("nan")))
+            claims.append(_claim(
+                "CART beats the dual-tower baseline (R@1)", task,
+                f"{_mean(ev.hits(task, f'evaluate/{task}')):.3f} vs {_mean(ev.hits(task, f'features/{task}')):.3f}",
+                Kind.HIGHER, ci, _mean(ev.hits(task, f"features/{task}")), f"{dataset}: {cart_p} vs {dual_p}",
+                (cart_p - dual_p) / 100, dual_p / 100,
+                f"results/evaluate/{task}/run.tsv vs results/features/{task}/run.tsv"))
     for task in params.base.tasks:
-        cart = _json(res / "evaluate" / task / "metrics.json")
-        sysf = res / "baselines" / task / "systems.tsv"
-        if cart and sysf.exists():
-            t = pd.read_csv(sysf, sep="\t").set_index("system")
-            if "pseudo_caption_fused" in t.index:
-                parts.append((task, cart["recall_at_1"], float(t.loc["pseudo_caption_fused", "recall_at_1"])))
-    if parts:
-        wins = [c > f for _, c, f in parts]
-        verdict = "holds" if all(wins) else "does not hold" if not any(wins) else "mixed"
-        claims.append(("(not in the paper) CART beats dual-tower + pseudo-caption matching, which uses the same "
-                       "pseudo-captions without generation",
-                       "; ".join(f"{t}: {c:.3f} vs {f:.3f}" for t, c, f in parts), "not reported", verdict,
-                       "results/tables/main.md; results/baselines/<task>/systems.tsv"))
-    # 2. vs atomic identifiers (GRACE)
-    parts = []
+        fused = (f"baselines/{task}", "runs/pseudo_caption_fused.tsv.gz")
+        if not ev.hits(task, f"evaluate/{task}"):
+            continue
+        ci = ev.compare(task, (f"evaluate/{task}",), fused)
+        ours = (f"{_mean(ev.hits(task, f'evaluate/{task}')):.3f} vs {_mean(ev.hits(task, *fused)):.3f}" if ci else
+                f"no run file results/baselines/{task}/runs/pseudo_caption_fused.tsv.gz (rerun the baselines stage)")
+        claims.append(_claim(
+            "(not in the paper) CART beats dual-tower + pseudo-caption matching (same pseudo-captions, "
+            "no generation)", task, ours, Kind.HIGHER, ci, _mean(ev.hits(task, *fused)), "not reported",
+            float("nan"), float("nan"),
+            f"results/evaluate/{task}/run.tsv vs results/baselines/{task}/runs/pseudo_caption_fused.tsv.gz"))
+    # 2. vs atomic identifiers (GRACE), in our model on the compare schedule
     for task in params.base.tasks:
-        a = _json(res / "compare" / task / "atomic" / "metrics.json")
-        c = _json(res / "compare" / task / "cart" / "metrics.json")
-        if a and c:
-            parts.append((task, c["recall_at_1"], a["recall_at_1"]))
-    if parts:
-        wins = [c > a for _, c, a in parts]
-        verdict = "holds" if all(wins) else "does not hold" if not any(wins) else "mixed"
-        claims.append(("CART identifiers beat atomic identifiers (GRACE) in the same model",
-                       "; ".join(f"{t}: {c:.3f} vs {a:.3f}" for t, c, a in parts),
-                       "Flickr30K: 81.78 vs 68.4 (GRACE, another model)", verdict, "results/tables/main.md"))
-    # 3. the ablations
-    if len(abl) and "delta_r1_ci95" in abl:
-        a = abl.set_index("row")
-        ablation_dir = res / "ablations" / params.ablations.task
-        qrels_path = root / "data" / params.ablations.task / "qrels.tsv"
-        qrels = pd.read_csv(qrels_path, sep="\t", dtype=str) if qrels_path.exists() else None
-
-        def delta(row: str) -> tuple[float, float]:
-            if row not in a.index:
-                return float("nan"), float("nan")
-            return float(a.loc[row, "delta_recall_at_1"]), float(a.loc[row, "delta_r1_ci95"])
-
-        def paper(row: str) -> str:
-            p = PAPER_ABLATION.get(row)
-            return f"{p[0] - PAPER_ABLATION['full'][0]:+.2f} pts R@1" if p else "not reported"
-
-        # the paper's Table 4 ranks these four; caption enhancement is not among its rows
-        named = {"no_fusion": "fusion", "no_rqvae": "RQ-VAE", "no_kmeans": "K-Means", "no_consistency": "consistency loss"}
-        drops = {r: delta(r)[0] for r in named if r in a.index}
-        if drops:
-            largest = min(drops, key=drops.get)
-            d, h = delta("no_fusion")
-            ordered = sorted(drops, key=drops.get)
-            separable, gap_text = True, ""
-            if len(ordered) > 1 and qrels is not None:
-                # is the largest drop told apart from the runner-up? paired over the same queries
-                gap, gap_h = paired_delta(hits_at_1(ablation_dir / ordered[1] / "run.tsv", qrels),
-                                          hits_at_1(ablation_dir / ordered[0] / "run.tsv", qrels))
-                separable = abs(gap) > gap_h
-                gap_text = (f"; gap to the next (w/o {named[ordered[1]]}): {gap:+.3f} ± {gap_h:.3f}"
-                            f"{'' if separable else ', within noise'}")
-            other = {r: delta(r)[0] for r in ("no_caption_enhancement",) if r in a.index}
-            other_text = "".join(f"; not in the paper's table: w/o caption enhancement {v:+.3f}"
-                                 for v in other.values() if v < drops[largest])
-            verdict = ("holds" if separable else "mixed") if largest == "no_fusion" and verdict_lower(d, h) == "holds" \
-                else "mixed" if verdict_lower(d, h) == "holds" else "does not hold"
-            claims.append(("Fusion matters most (largest drop when removed, among the paper's four ablations)",
-                           f"w/o fusion Δ R@1 {d:+.3f} ± {h:.3f}; largest drop: w/o {named[largest]} "
-                           f"({drops[largest]:+.3f}){gap_text}{other_text}", paper("no_fusion"), verdict,
-                           "results/tables/ablations.md"))
-            d, h = delta("no_rqvae")
-            second = len(ordered) > 1 and ordered[1] == "no_rqvae"
-            v = verdict_lower(d, h)
-            claims.append(("The RQ-VAE matters next (second-largest drop)",
-                           f"w/o RQ-VAE (hierarchical K-Means) Δ R@1 {d:+.3f} ± {h:.3f}; rank of its drop: "
-                           f"{ordered.index('no_rqvae') + 1 if 'no_rqvae' in ordered else '—'} of {len(ordered)}",
-                           paper("no_rqvae"), v if second or v != "holds" else "mixed",
-                           "results/tables/ablations.md"))
-        for row, claim in (("no_kmeans", "The K-Means coarse token helps"),
-                           ("no_caption_enhancement", "Caption enhancement helps")):
-            d, h = delta(row)
-            claims.append((claim, f"w/o: Δ R@1 {d:+.3f} ± {h:.3f}", paper(row), verdict_lower(d, h),
-                           "results/tables/ablations.md"))
-        d, h = delta("no_consistency")
-        small = abs(d) <= max(h, 0.01)  # within noise, or under one point
-        verdict = "not measured" if math.isnan(d) else "holds" if small else "does not hold"
-        claims.append(("The consistency loss adds little (removing it changes R@1 by less than the noise or 1 pt)",
-                       f"w/o: Δ R@1 {d:+.3f} ± {h:.3f}", paper("no_consistency"), verdict,
-                       "results/tables/ablations.md"))
-    # 4. throughput
+        a, c = (f"compare/{task}/atomic",), (f"compare/{task}/cart",)
+        ci = ev.compare(task, c, a)
+        if ci:
+            claims.append(_claim(
+                "CART identifiers beat atomic identifiers (GRACE) in the same model", task,
+                f"{_mean(ev.hits(task, *c)):.3f} vs {_mean(ev.hits(task, *a)):.3f}", Kind.HIGHER, ci,
+                _mean(ev.hits(task, *a)),
+                f"{PAPER_GRACE[0]}: {PAPER_GRACE[2]} vs {PAPER_GRACE[1]} (GRACE, another model)",
+                (PAPER_GRACE[2] - PAPER_GRACE[1]) / 100, PAPER_GRACE[1] / 100,
+                f"results/compare/{task}/cart/run.tsv vs atomic/run.tsv"))
+    # 3. the ablations (Table 4): Δ = ablated − full
+    t = params.ablations.task
+    folder = lambda r: (f"ablations/{t}/{r}",)
+    full_hits = ev.hits(t, *folder("full"))
+    if full_hits:
+        full_r1 = _mean(full_hits)
+        means = {r: _mean(ev.hits(t, *folder(r))) for r in PAPER_RANKED if ev.hits(t, *folder(r))}
+        extra = {r: _mean(ev.hits(t, *folder(r))) for r in ("no_caption_enhancement",) if ev.hits(t, *folder(r))}
+        note = "".join(f"; not in the paper's table: w/o {ROW_NAMES[r]} {v:.3f} ({v - full_r1:+.3f})"
+                       for r, v in extra.items() if means and v < min(means.values()))
+        for position in (0, 1):
+            claims.append(_ranking_claim(ev, t, position, means, full_r1, note if position == 0 else ""))
+        paper_drop = lambda r: ((PAPER_ABLATION[r][0] - PAPER_ABLATION["full"][0]) / 100 if r in PAPER_ABLATION
+                                else float("nan"))
+        for row, claim, kind in (("no_kmeans", "The K-Means coarse token helps", Kind.LOWER),
+                                 ("no_caption_enhancement", "Caption enhancement helps", Kind.LOWER),
+                                 ("no_consistency", "The consistency loss adds little (the R@1 change lies within "
+                                                    "±1 pt)", Kind.EQUIVALENT)):
+            ci = ev.compare(t, folder(row), folder("full"))
+            paper = (f"w/o {PAPER_ABLATION[row][0]:.2f} vs full {PAPER_ABLATION['full'][0]:.2f}"
+                     if row in PAPER_ABLATION else "not reported")
+            ours = (f"w/o {_mean(ev.hits(t, *folder(row))):.3f} vs full {full_r1:.3f}" if ci else
+                    f"no run of the ablation row `{row}`")
+            claims.append(_claim(claim, t, ours, kind, ci, full_r1, paper, paper_drop(row),
+                                 PAPER_ABLATION["full"][0] / 100, "results/tables/ablations.md"))
+    # 4. throughput (a measured ratio, not a paired comparison)
     tp = _measured(res / "throughput" / "metrics.json")
     if tp:
         flat = tp.get("flatness_ratio")
@@ -285,21 +401,81 @@ def claims_table(root: Path, params: Params, main: pd.DataFrame, abl: pd.DataFra
                 f"{tp.get('n_candidates_smallest')}, batch {tp.get('ratio_batch_size')}): {fmt(flat)}; constrained / "
                 f"unconstrained: {fmt(tp.get('constraint_overhead_ratio'))}; crossover with exact dual-tower search at "
                 f"{cross if cross is not None else 'no size measured'} candidates")
-        verdict = "not measured" if flat is None else "holds" if flat >= 0.9 else "does not hold"
-        claims.append(("Throughput stays flat as candidates grow", ours,
-                       "Figure 4: flat on CPU and GPU, dual-tower falls, widest gap at 1M candidates and batch 100 (values "
-                       "not given); Table 5: CART 105.8 queries/s on Flickr30K", verdict,
-                       "results/throughput/throughput.csv, throughput.png"))
+        verdict = "not measured" if flat is None else "holds" if flat >= 0.9 else "refuted"
+        claims.append(_other_claim("Throughput stays flat as candidates grow (decode q/s ratio ≥ 0.9)", "—", ours,
+                                   "Figure 4: flat on CPU and GPU, dual-tower falls, widest gap at 1M candidates and "
+                                   "batch 100 (values not given); Table 5: CART 105.8 queries/s on Flickr30K", verdict,
+                                   "results/throughput/throughput.csv, throughput.png"))
     # 5. prefixes group similar items (Figure 5)
     ts = _json(res / "tsne" / params.tsne.task / "metrics.json")
     if ts:
         r, rr = ts["prefix_ratio_first_token"], ts["prefix_ratio_first_token_random"]
-        claims.append(("Items sharing an identifier prefix sit together (Figure 5)",
-                       f"within/between distance ratio: first token {r:.2f} (random codes {rr:.2f}); second token "
-                       f"inside a cluster {ts['prefix_ratio_second_token_in_cluster']:.2f}",
-                       "qualitative (t-SNE)", "holds" if r < rr - 0.05 else "does not hold",
-                       f"results/tsne/{params.tsne.task}/tsne_prefixes.png"))
-    return pd.DataFrame(claims, columns=["claim", "ours", "paper", "verdict", "evidence"])
+        claims.append(_other_claim("Items sharing an identifier prefix sit together (Figure 5; distance ratio below "
+                                   "random codes' by 0.05)", params.tsne.task,
+                                   f"within/between distance ratio: first token {r:.2f} (random codes {rr:.2f}); "
+                                   f"second token inside a cluster {ts['prefix_ratio_second_token_in_cluster']:.2f}",
+                                   "qualitative (t-SNE)", "holds" if r < rr - 0.05 else "refuted",
+                                   f"results/tsne/{params.tsne.task}/tsne_prefixes.png"))
+    return pd.DataFrame(claims, columns=CLAIM_COLUMNS)
+
+
+def _stage_inputs(lock: dict) -> dict:
+    """The deps (path, hash) and params of the READS stages of a parsed dvc.lock."""
+    out = {}
+    for name, entry in sorted((lock or {}).get("stages", {}).items()):
+        if name.split("@")[0] in READS:
+            deps = sorted((d["path"], d.get("md5") or d.get("hash") or "") for d in entry.get("deps", []))
+            out[name] = {"deps": deps, "params": entry.get("params", {})}
+    return out
+
+
+def _inputs_hash(lock_text: str) -> tuple[str | None, int]:
+    import yaml
+
+    try:
+        inputs = _stage_inputs(yaml.load(lock_text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+    except yaml.YAMLError:
+        return None, 0
+    if not inputs:
+        return None, 0
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest(), len(inputs)
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+    except Exception:
+        return None
+
+
+def provenance(root: Path, *, max_commits: int = 200) -> Provenance:
+    """What produced the results: the hash of the READS stages' inputs in ``dvc.lock`` and the commit
+    that recorded those entries (the oldest commit of the newest unbroken run of commits whose
+    dvc.lock has the same inputs: later commits that only touched other stages do not count)."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return Provenance(None, 0, None, "no dvc.lock (results not produced by `dvc repro`)")
+    digest, n = _inputs_hash(lock.read_text())
+    if digest is None:
+        return Provenance(None, 0, None, "dvc.lock has no entries of the stages the report reads")
+    log = _git(root, "log", f"-{max_commits}", "--format=%H", "--", "dvc.lock")
+    if log is None:
+        return Provenance(digest, n, None, "not a git checkout")
+    found = None
+    for sha in log.split():
+        text = _git(root, "show", f"{sha}:dvc.lock")
+        same = text is not None and _inputs_hash(text)[0] == digest
+        if same:
+            found = sha
+        elif found:
+            break
+    if found:
+        return Provenance(digest, n, found, "")
+    head = (_git(root, "rev-parse", "HEAD") or "").strip() or "none"
+    return Provenance(digest, n, None, f"these dvc.lock entries are not in a commit yet (working tree on top of "
+                                       f"`{head}`)")
 
 
 def _mlflow_runs(root: Path) -> pd.DataFrame:
@@ -332,33 +508,66 @@ def _fmt(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def claims_markdown(claims: pd.DataFrame) -> pd.DataFrame:
+    """The claims table as shown: Δ, its interval and the relative change formatted; empty where n/a."""
+    num = lambda v, f: "" if pd.isna(v) else format(v, f)
+    return pd.DataFrame({
+        "claim": claims["claim"], "task": claims["task"], "ours": claims["ours"], "test": claims["kind"],
+        "Δ": claims["delta"].map(lambda v: num(v, "+.3f")),
+        "95% CI": [("" if pd.isna(lo) else f"[{lo:+.3f}, {hi:+.3f}]")
+                   for lo, hi in zip(claims["ci_low"], claims["ci_high"])],
+        "rel. Δ": claims["rel_delta"].map(lambda v: num(v, "+.1%")),
+        "queries; seeds": [f"{q}; {s}" if s else "" for q, s in zip(claims["n_queries"], claims["n_seeds"])],
+        "paper": claims["paper"], "paper Δ": claims["paper_delta"].map(lambda v: num(v, "+.3f")),
+        "paper rel. Δ": claims["paper_rel_delta"].map(lambda v: num(v, "+.1%")),
+        "verdict": claims["verdict"], "evidence": claims["evidence"],
+    })
+
+
 def run(params: Params, root: str | Path) -> ReportResult:
     root = Path(root).resolve()
+    ev = Evidence(root, params)
     main = main_table(root, params)
-    abl = ablation_table(root, params)
-    claims = claims_table(root, params, main, abl)
+    abl = ablation_table(root, params, ev)
+    claims = claims_table(root, params, main, abl, ev)
+    shown = claims_markdown(claims)
     tables = root / "results" / "tables"
     io.write_text(tables / "main.md", _fmt(main).to_markdown(index=False) + "\n")
     io.write_text(tables / "main.tex", _fmt(main).to_latex(index=False))
     io.write_text(tables / "ablations.md", _fmt(abl).to_markdown(index=False) + "\n")
     io.write_text(tables / "ablations.tex", _fmt(abl).to_latex(index=False))
-    io.write_text(tables / "claims.md", claims.to_markdown(index=False) + "\n")
-    params_hash = hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()[:16]
+    io.write_text(tables / "claims.md", shown.to_markdown(index=False, disable_numparse=True) + "\n")
+    prov = provenance(root)
     runs = _mlflow_runs(root)
     c = params.compare
     md = "\n".join([
         "# CART on our benchmark: the paper's claims, checked",
         "",
         "Generated by the `report` stage (`notebooks/09_report.ipynb`) from the results of every other stage; "
-        "do not edit by hand. Recall values are fractions (the paper's are %). Differences between two runs "
-        "are paired over the same test queries, with a 95% interval.",
+        "do not edit by hand. Recall values are fractions (the paper's are %).",
         "",
-        f"Provenance: git commit `{git_sha(root)}`, params.yaml sha256 `{params_hash}…`, scale "
-        f"`{params.base.scale.value}`, seed {params.base.seed}.",
+        "Provenance: " + (
+            f"stage inputs sha256 `{prov.inputs_sha256[:16]}…` (the deps and params in `dvc.lock` of the "
+            f"{prov.n_stages} stage runs this report reads: {', '.join(READS)})" if prov.inputs_sha256
+            else "stage inputs unknown") + ", " + (
+            f"recorded in git commit `{prov.commit}`" if prov.commit else prov.note) +
+        f"; scale `{params.base.scale.value}`, base seed {params.base.seed}.",
         "",
         "## Claims",
         "",
-        claims.to_markdown(index=False) if len(claims) else "(no results yet)",
+        f"Each claim about two systems is decided on Δ, the difference of their mean hit@1 (= R@1) over the same "
+        f"test queries (for an ablation: row − full; for a ranking: the gap between the row and its nearest "
+        f"competitor in the claimed order, oriented so the paper's order is > 0). 95% CI: {stats.METHOD} "
+        f"({stats.DEFAULT_RESAMPLES:,} resamples, `cartlib.stats.paired_bootstrap`); with one seed per system "
+        "it is the paired percentile bootstrap over queries. `queries; seeds` = the queries compared; the runs "
+        "(seeds) of each system. `rel. Δ` = Δ relative to the baseline (the second system, or the full row), "
+        "beside the paper's. Verdicts: **holds** when the interval excludes 0 in the paper's direction, "
+        "**refuted** when it excludes 0 in the other direction; *adds little* holds only if the whole interval "
+        "lies within ±1 pt (and is refuted if it lies wholly outside); a ranking holds only if the gap to each "
+        "neighbouring row and the row's own drop exclude 0; anything else is **inconclusive**. Throughput "
+        "and the t-SNE claim are measured ratios with a threshold, not paired comparisons.",
+        "",
+        shown.to_markdown(index=False, disable_numparse=True) if len(claims) else "(no results yet)",
         "",
         "## Main table (the paper's Tables 2–3)",
         "",
@@ -366,15 +575,18 @@ def run(params: Params, root: str | Path) -> ReportResult:
         f"model on each identifier scheme, on a cheaper schedule ({c.epochs} epochs, the first reference caption of "
         f"{c.max_train_items or 'every'} train items with their pseudo-captions, and the whole test gallery's pseudo-captions) and {c.n_queries or 'all'} test "
         "queries; compare rows are comparable with each other, not with the main row. Queries/s are this machine's "
-        "(2-core CPU), for the whole query set in one batch.",
+        "(2-core CPU), for the whole query set in one batch. An empty cell: not applicable.",
         "",
         _fmt(main).to_markdown(index=False),
         "",
         "## Ablations (the paper's Table 4 and more)",
         "",
         f"Task `{params.ablations.task}`, all rows on the `compare` schedule (see above), so the full row is "
-        "the compare CART row. `delta_*` = row − full; `delta_r1_ci95` = the 95% half-width of the paired R@1 "
-        "difference; `paper_delta_*` = the paper's Flickr30K deltas (fractions).",
+        "the compare CART row. Metrics are the row's `metrics.json` (base seed); a metric cut at k is empty (not "
+        "applicable) for a row whose lists are shorter than k (`beam_1`, `beam_5`). `delta_*` = row − full; "
+        "`delta_r1_ci95_low/high` = the 95% interval of the paired R@1 difference (the bootstrap above; "
+        "`n_seeds` runs of the row); `rel_delta_recall_at_1` = delta / full; `paper_*` = the paper's Flickr30K "
+        "deltas (fractions) and relative drop.",
         "",
         _fmt(abl).to_markdown(index=False) if len(abl) else "(no ablation results)",
         "",

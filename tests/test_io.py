@@ -87,3 +87,15 @@ def test_normalise_notebook_leaves_the_input_untouched():
 ])
 def test_strip_progress_drops_progress_bars_and_the_tqdm_warning(raw, shown):
     assert strip_progress(raw) == shown
+
+
+def test_gzip_tsv_is_byte_stable_whatever_its_name_and_reads_back(tmp_path):
+    import pandas as pd
+
+    from cartlib.io import write_dataframe_tsv
+
+    frame = pd.DataFrame({"query_id": ["q1", "q2"], "rank": [1, 1], "item_id": ["a", "b"], "score": [0.5, 0.25]})
+    a = write_dataframe_tsv(tmp_path / "a.tsv.gz", frame)
+    b = write_dataframe_tsv(tmp_path / "sub" / "b.tsv.gz", frame)
+    assert a.read_bytes() == b.read_bytes() and a.read_bytes()[:2] == b"\x1f\x8b"
+    pd.testing.assert_frame_equal(pd.read_csv(a, sep="\t"), frame)

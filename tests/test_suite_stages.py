@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,6 @@ import pytest
 import yaml
 
 from cartlib.config import ConfigError, load_params, params_from_dict, with_overrides
-from cartlib.report import ablation_table, claims_table, hits_at_1, paired_delta, verdict_lower
 from cartlib.baselines import faiss_indexes, recall_vs_exact
 from cartlib.stages.baselines import pseudo_caption_scores
 from cartlib.stages.tsne import prefix_ratio
@@ -103,67 +101,6 @@ def test_prefix_ratio_by_brute_force():
     # two tight, far-apart groups: a ratio far below 1
     tight = np.concatenate([np.tile([1.0, 0, 0], (5, 1)), np.tile([0, 1.0, 0], (5, 1))]) + 0.01 * rng.normal(size=(10, 3))
     assert prefix_ratio(tight, np.repeat([0, 1], 5)) < 0.1
-
-
-# ------------------------------------------------------------------------------------------- report
-def test_hits_at_1_and_paired_delta_by_hand(tmp_path):
-    qrels = pd.DataFrame({"query_id": ["a", "b", "c", "d"], "item_id": ["x", "y", "z", "w"]})
-    run = pd.DataFrame({"query_id": ["a", "a", "b", "c"], "rank": [1, 2, 1, 1], "item_id": ["x", "y", "q", "z"],
-                        "score": [0.0] * 4})
-    run.to_csv(tmp_path / "run.tsv", sep="\t", index=False)
-    hits = hits_at_1(tmp_path / "run.tsv", qrels)
-    assert hits.to_dict() == {"a": 1.0, "b": 0.0, "c": 1.0}  # d is not in the run: left out
-    other = pd.Series({"a": 0.0, "b": 0.0, "c": 1.0, "d": 1.0})
-    d, h = paired_delta(hits, other)
-    diffs = np.array([1.0, 0.0, 0.0])
-    assert d == pytest.approx(diffs.mean())
-    assert h == pytest.approx(1.96 * diffs.std(ddof=1) / np.sqrt(3))
-
-
-@pytest.mark.parametrize("delta, half, verdict", [(-0.05, 0.02, "holds"), (0.05, 0.02, "does not hold"),
-                                                  (-0.01, 0.02, "mixed"), (float("nan"), 0.0, "not measured")])
-def test_verdicts(delta, half, verdict):
-    assert verdict_lower(delta, half) == verdict
-
-
-def _fake_ablation_runs(root, hits_by_row: dict[str, np.ndarray]) -> None:
-    """results/ablations/image/<row>/{metrics.json,run.tsv} whose rank-1 hits are exactly ``hits_by_row``."""
-    n = len(next(iter(hits_by_row.values())))
-    (root / "data" / "image").mkdir(parents=True)
-    pd.DataFrame({"query_id": [f"q{i}" for i in range(n)], "item_id": [f"i{i}" for i in range(n)]}).to_csv(
-        root / "data" / "image" / "qrels.tsv", sep="\t", index=False)
-    for row, hits in hits_by_row.items():
-        d = root / "results" / "ablations" / "image" / row
-        d.mkdir(parents=True)
-        pd.DataFrame({"query_id": [f"q{i}" for i in range(n)], "rank": 1,
-                      "item_id": [f"i{i}" if h else "wrong" for i, h in enumerate(hits)], "score": 0.0}).to_csv(
-            d / "run.tsv", sep="\t", index=False)
-        r1 = float(np.mean(hits))
-        (d / "metrics.json").write_text(json.dumps({"recall_at_1": r1, "recall_at_10": r1, "mrr_at_10": r1}))
-
-
-@pytest.mark.parametrize("fusion_hits, verdict", [
-    ((0, 100), "holds"),                # 100 hits against the runner-up's 300: a clear lead
-    ((0, 250, 350, 395), "mixed"),      # 295 hits, but 95 queries differ from the runner-up's: noise
-])
-def test_fusion_matters_most_is_mixed_when_its_lead_over_the_runner_up_is_within_noise(tmp_path, fusion_hits, verdict):
-    n = 1000
-    hits = lambda *bounds: np.isin(np.arange(n), np.concatenate([np.arange(a, b) for a, b in
-                                                                  zip(bounds[::2], bounds[1::2])]))
-    _fake_ablation_runs(tmp_path, {"full": hits(0, 400), "no_fusion": hits(*fusion_hits), "no_rqvae": hits(0, 300),
-                                   "no_kmeans": hits(0, 380), "no_consistency": hits(0, 395),
-                                   "no_caption_enhancement": hits(0, 50)})
-    raw = raw_params()
-    raw["base"]["tasks"] = ["image"]
-    raw["ablations"]["rows"] = {r: raw["ablations"]["rows"][r] for r in
-                                ("full", "no_fusion", "no_rqvae", "no_kmeans", "no_consistency", "no_caption_enhancement")}
-    params = params_from_dict(raw)
-    abl = ablation_table(tmp_path, params)
-    claims = claims_table(tmp_path, params, pd.DataFrame(), abl).set_index("claim")
-    fusion = claims.filter(like="Fusion matters most", axis=0).iloc[0]
-    assert fusion["verdict"] == verdict
-    assert "w/o caption enhancement -0.350" in fusion["ours"]  # larger, but not one of the paper's rows
-    assert ("within noise" in fusion["ours"]) == (verdict == "mixed")
 
 
 # -------------------------------------------------------------------------------------------- CLI
