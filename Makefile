@@ -18,7 +18,13 @@ export TOKENIZERS_PARALLELISM := false
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
+# requirements.lock was resolved on Python 3.11.7; some pins (e.g. soupsieve 4.x) need 3.11.5 or newer
+CHECK_PYTHON := import sys; v = sys.version_info; sys.exit(0 if (3, 11, 5) <= v[:3] < (3, 12) else \
+  f"make: {sys.executable} is Python {v.major}.{v.minor}.{v.micro}; requirements.lock needs Python 3.11.5 or a newer 3.11 "\
+  "(point PYTHON= at one, e.g. make test PYTHON=/usr/local/bin/python3.11)")
+
 $(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -c '$(CHECK_PYTHON)'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$$(grep -i '^pip==' requirements.lock)"
 	$(BIN)/python -m pip install -q -r requirements.lock
