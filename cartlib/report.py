@@ -479,8 +479,12 @@ def provenance(root: Path, *, max_commits: int = 200) -> Provenance:
 
 
 def _mlflow_runs(root: Path) -> pd.DataFrame:
-    """Latest MLflow run id per run name (empty when this clone has no mlflow.db)."""
-    if not (root / "mlflow.db").exists():
+    """Latest MLflow run id per run name, from the store the stages log to (empty when it is a
+    sqlite file this clone does not have)."""
+    from cartlib.tracking import sqlite_path, tracking_uri
+
+    db = sqlite_path(tracking_uri(root))
+    if db is not None and not db.exists():
         return pd.DataFrame(columns=["run", "run_id"])
     try:
         import logging

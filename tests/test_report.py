@@ -231,3 +231,19 @@ def test_the_report_renders_the_claims_with_intervals_and_names_the_method(tmp_p
     again.write_text((tmp_path / "results" / "tables" / "ablations.md").read_text())
     report.run(_params(), tmp_path)  # the ablation table is byte-stable (not a measurement file)
     assert (tmp_path / "results" / "tables" / "ablations.md").read_text() == again.read_text()
+
+
+def test_provenance_reads_the_mlflow_store_the_stages_log_to(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI (a shared store, docs/parallel.md) is where the run ids are, not <root>/mlflow.db."""
+    from cartlib.report import _mlflow_runs
+    from cartlib.tracking import log_run
+
+    store = tmp_path / "shared" / "mlflow.db"
+    store.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run_id = log_run(root=repo, stage="train", task="image", params={"a": 1}, metrics={"m": 1.0})
+    assert run_id and not (repo / "mlflow.db").exists()
+    runs = _mlflow_runs(repo)
+    assert runs.set_index("run").loc["train/image", "run_id"] == run_id
