@@ -106,10 +106,15 @@ def check_outputs(paths, n_test: int):
         folder = paths.results(stage)
         m = json.loads((folder / "metrics.json").read_text())
         assert METRIC_KEYS <= set(m), (stage, sorted(m))
-        assert 0.0 <= m["recall_at_1"] <= m["recall_at_5"] <= m["recall_at_10"] <= 1.0
-        assert 0.0 <= m["mrr_at_10"] <= 1.0
         assert m["n_queries"] == qrels["query_id"].nunique() and m["n_candidates"] == n_test
         run = pd.read_csv(folder / "run.tsv", sep="\t", dtype={"query_id": str, "item_id": str})
+        depth = int(run.groupby("query_id").size().max())
+        # a cut-off beyond the lists (top_k < k) and short of the whole gallery is not applicable: null
+        for key, k in (("recall_at_5", 5), ("recall_at_10", 10), ("mrr_at_10", 10)):
+            assert (m[key] is None) == (depth < k and depth < n_test), (stage, key, depth, m[key])
+        recalls = [m[f"recall_at_{k}"] for k in (1, 5, 10) if m[f"recall_at_{k}"] is not None]
+        assert 0.0 <= recalls[0] and recalls == sorted(recalls) and recalls[-1] <= 1.0
+        assert m["mrr_at_10"] is None or 0.0 <= m["mrr_at_10"] <= 1.0
         assert list(run.columns) == ["query_id", "rank", "item_id", "score"]
         assert len(run) and set(run["item_id"]) <= test_ids, stage  # only the test gallery is ranked
         assert set(run["query_id"]) <= set(qrels["query_id"])
