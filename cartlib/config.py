@@ -155,6 +155,8 @@ class AblationsConfig:
     task: str = "image"  # the paper ablates on Flickr30K (image) alone
     # row name -> overrides of the identifiers / train / evaluate sections (on the compare schedule)
     rows: dict = field(default_factory=lambda: {"full": {}})
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds (train.seed) of the seeded rows; the first alone for the others
+    seeded_rows: tuple[str, ...] = ("full", "no_consistency", "no_fusion", "no_kmeans", "no_rqvae")  # the paper's rows
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,9 @@ def params_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Params:
     params = Params(**sections, source=source)
     for name, row in params.ablations.rows.items():  # every row must be a valid override, before any work
         with_overrides(params, row, where=f"{source}: ablations.rows.{name}")
+    if not params.ablations.seeds or len(set(params.ablations.seeds)) != len(params.ablations.seeds):
+        raise ConfigError(f"{source}: ablations.seeds must be distinct training seeds, at least one; "
+                          f"got {list(params.ablations.seeds)}")
     return params
 
 

@@ -129,9 +129,11 @@ def hits_at_1(run_path: Path, qrels: pd.DataFrame) -> pd.Series:
 
 def seed_runs(folder: Path, name: str, base_seed: int) -> dict[int, Path]:
     """The run files of one row, by seed (see the module docstring): ``folder/name`` for ``base_seed``
-    and ``folder/seed_<s>/name`` for each other seed that has one."""
+    and ``folder/seed_<s>/name`` or ``folder/seeds/seed_<s>/name`` (the ablation stage's) for each
+    other seed that has one."""
     runs = {base_seed: folder / name} if (folder / name).exists() else {}
-    for d in sorted(folder.glob("seed_*")) if folder.is_dir() else ():
+    dirs = [*folder.glob("seed_*"), *(folder / "seeds").glob("seed_*")] if folder.is_dir() else []
+    for d in sorted(dirs):
         m = re.fullmatch(r"seed_(\d+)", d.name)
         if m and (d / name).exists():
             runs[int(m.group(1))] = d / name

@@ -139,3 +139,20 @@ def test_cli_rejects_unknown_task(tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     proc = _run([str(BIN / "cart-stage"), "data", "--task", "smell", "--root", str(tmp_path)], tmp_path, check=False)
     assert proc.returncode == 2 and "'smell'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_seeded_ablation_rows_average_their_seeds(smoke_repo):
+    """full and no_fusion are seeded rows (smoke: seeds 0 and 1): metrics.json is the mean of the
+    seeds' runs, recomputed here from each run file and the qrels (the oracle)."""
+    qrels = pd.read_csv(smoke_repo / "data" / "image" / "qrels.tsv", sep="\t", dtype=str)
+    for row, n_seeds in (("full", 2), ("no_fusion", 2), ("k_16", 1)):
+        out = smoke_repo / "results" / "ablations" / "image" / row
+        m = json.loads((out / "metrics.json").read_text())
+        runs = [out / "run.tsv", *sorted((out / "seeds").glob("seed_*/run.tsv"))]
+        assert m["n_seeds"] == n_seeds == len(runs)
+        r1 = [metrics_from_run(pd.read_csv(p, sep="\t", dtype={"query_id": str, "item_id": str}), qrels)["recall_at_1"]
+              for p in runs]
+        assert m["recall_at_1"] == pytest.approx(sum(r1) / len(r1))
+        seeds = pd.read_csv(out / "seeds" / "seeds.tsv", sep="\t")
+        assert seeds["seed"].tolist() == list(range(n_seeds)) and seeds["model_key"].nunique() == n_seeds

@@ -247,3 +247,15 @@ def test_provenance_reads_the_mlflow_store_the_stages_log_to(tmp_path, monkeypat
     assert run_id and not (repo / "mlflow.db").exists()
     runs = _mlflow_runs(repo)
     assert runs.set_index("run").loc["train/image", "run_id"] == run_id
+
+
+def test_seed_runs_finds_the_ablation_stages_seeds_folder(tmp_path):
+    from cartlib.report import seed_runs
+
+    row = tmp_path / "row"
+    for rel in ("run.tsv", "seeds/seed_1/run.tsv", "seeds/seed_2/run.tsv", "seed_3/run.tsv", "seeds/seeds.tsv"):
+        (row / rel).parent.mkdir(parents=True, exist_ok=True)
+        (row / rel).write_text("query_id\trank\titem_id\tscore\n")
+    found = seed_runs(row, "run.tsv", 0)
+    assert found == {0: row / "run.tsv", 1: row / "seeds/seed_1/run.tsv", 2: row / "seeds/seed_2/run.tsv",
+                     3: row / "seed_3/run.tsv"}

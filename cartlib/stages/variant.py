@@ -202,14 +202,65 @@ def run_compare(params: Params, paths: TaskPaths, scheme: str, *, progress: bool
     return result
 
 
+def row_seeds(params: Params, row: str) -> tuple[int, ...]:
+    """The training seeds of ablation row ``row``: every one of ``ablations.seeds`` for the seeded
+    rows (the paper's), the first alone for the others."""
+    seeds = params.ablations.seeds
+    return tuple(seeds) if row in params.ablations.seeded_rows else tuple(seeds[:1])
+
+
+def seed_overrides(overrides: dict, seed: int) -> dict:
+    """``overrides`` with training seed ``seed``; a row that builds its own identifiers (it changes
+    their structure) also draws them with that seed."""
+    out = {section: dict(values or {}) for section, values in overrides.items()}
+    out.setdefault("train", {})["seed"] = seed
+    if any(k in _STRUCTURE for k in out.get("identifiers", {})):
+        out["identifiers"]["seed"] = seed
+    return out
+
+
+_METRICS = ("recall_at_1", "recall_at_5", "recall_at_10", "mrr_at_10")
+
+
+def mean_over_seeds(results: dict[int, VariantResult]) -> dict:
+    """The first seed's metrics with the ranking metrics replaced by their mean over the seeds
+    (None stays None: not applicable), plus ``n_seeds``."""
+    first = next(iter(results.values())).metrics
+    out = dict(first)
+    for key in _METRICS:
+        values = [r.metrics.get(key) for r in results.values()]
+        out[key] = None if any(v is None for v in values) else float(np.mean(values))
+    out["n_seeds"] = len(results)
+    return out
+
+
 def run_ablation(params: Params, root: str | Path, row: str, *, progress: bool = True) -> VariantResult:
-    """Stage `ablations`: one row of ``params.ablations.rows`` on ``params.ablations.task``."""
+    """Stage `ablations`: one row of ``params.ablations.rows`` on ``params.ablations.task``, trained
+    with each of its seeds (:func:`row_seeds`).
+
+    Writes the row's ``metrics.json`` (the ranking metrics averaged over the seeds, ``n_seeds``) and
+    ``run.tsv`` (the first seed's), ``seeds/seed_<s>/run.tsv`` + ``metrics.json`` for every other
+    seed, and ``seeds/seeds.tsv`` (every seed's metrics). Returns the first seed's result with the
+    averaged metrics."""
     from cartlib.paths import task_paths
-    from cartlib.results import publish
+    from cartlib.results import publish, split_metrics
 
     if row not in params.ablations.rows:
         raise KeyError(f"{row!r} is not a row of params.yaml ablations.rows ({sorted(params.ablations.rows)})")
     paths = task_paths(root, params.ablations.task)
-    result = run_variant(params, paths, overrides=params.ablations.rows[row], progress=progress)
-    publish(paths, "ablations", params=params, metrics=result.metrics, run=result.run, variant=row)
-    return result
+    overrides = params.ablations.rows[row]
+    results = {seed: run_variant(params, paths, overrides=seed_overrides(overrides, seed), progress=progress)
+               for seed in row_seeds(params, row)}
+    first_seed, first = next(iter(results.items()))
+    metrics = mean_over_seeds(results)
+    metrics["overrides"] = json.dumps(overrides, sort_keys=True)
+    out = paths.results("ablations") / row
+    per_seed = pd.DataFrame([{"seed": s, **{k: r.metrics.get(k) for k in ("model_key", *_METRICS)},
+                              "train_epochs": r.metrics["train_epochs"], "best_epoch": r.metrics.get("best_epoch")}
+                             for s, r in results.items()])
+    io.write_dataframe_tsv(out / "seeds" / "seeds.tsv", per_seed)
+    for seed, result in list(results.items())[1:]:
+        write_variant(out / "seeds" / f"seed_{seed}",
+                      result._replace(metrics=split_metrics(result.metrics).metrics))
+    publish(paths, "ablations", params=params, metrics=metrics, run=first.run, variant=row)
+    return first._replace(metrics=metrics)
