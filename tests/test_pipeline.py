@@ -80,7 +80,9 @@ def test_suite_stages_write_tables_figures_and_report(smoke_repo):
     assert rows["beam_5"]["beam"] == 5
     assert json.loads((res / "ablations" / "image" / "beam_5" / "timings.json").read_text())["model_cache_hit"]
     full = json.loads((res / "compare" / "image" / "cart" / "metrics.json").read_text())
-    assert rows["full"]["recall_at_1"] == full["recall_at_1"]  # same run: the same model and queries
+    seeds = pd.read_csv(res / "ablations" / "image" / "full" / "seeds" / "seeds.tsv", sep="\t").set_index("seed")
+    assert seeds.loc[0, "recall_at_1"] == full["recall_at_1"]  # seed 0: the same model and queries as compare's
+    assert seeds.loc[0, "model_key"] == full["model_key"]
     assert rows["k_16"]["level_sizes"].startswith("16×")
     assert (res / "tsne" / "image" / "tsne_prefixes.png").exists()
     report = (res / "REPORT.md").read_text()
@@ -151,8 +153,10 @@ def test_seeded_ablation_rows_average_their_seeds(smoke_repo):
         m = json.loads((out / "metrics.json").read_text())
         runs = [out / "run.tsv", *sorted((out / "seeds").glob("seed_*/run.tsv"))]
         assert m["n_seeds"] == n_seeds == len(runs)
-        r1 = [metrics_from_run(pd.read_csv(p, sep="\t", dtype={"query_id": str, "item_id": str}), qrels)["recall_at_1"]
-              for p in runs]
+        r1 = []
+        for path in runs:  # each run scores the rows' common query subset (compare.n_queries)
+            run = pd.read_csv(path, sep="\t", dtype={"query_id": str, "item_id": str})
+            r1.append(metrics_from_run(run, qrels[qrels["query_id"].isin(set(run["query_id"]))])["recall_at_1"])
         assert m["recall_at_1"] == pytest.approx(sum(r1) / len(r1))
         seeds = pd.read_csv(out / "seeds" / "seeds.tsv", sep="\t")
         assert seeds["seed"].tolist() == list(range(n_seeds)) and seeds["model_key"].nunique() == n_seeds
