@@ -74,6 +74,13 @@ def training_pairs(dataset: schema.Dataset, *, caption_enhancement: bool, seed: 
     return TrainingPairs(train["text"].tolist(), row_of[train["item_id"]].to_numpy(), train["kind"].to_numpy())
 
 
+def load_qrels_val(paths: TaskPaths, dataset: schema.Dataset) -> pd.DataFrame:
+    """The validation queries' qrels (empty when the dataset has no validation split)."""
+    if not (dataset.items["split"] == "val").any():
+        return pd.DataFrame(columns=schema.QREL_COLUMNS)
+    return schema.load_qrels(paths.qrels_val, dataset, split="val")
+
+
 def validation_set(dataset: schema.Dataset, qrels_val: pd.DataFrame, codes: torch.Tensor,
                    level_sizes) -> ValidationSet | None:
     """The validation queries (val items' reference captions) → every relevant val item, ranked
@@ -179,10 +186,7 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
     tokenizer, model = build_model(cfg, table.vocab.level_sizes)
     model = model.to(device)
     codes = torch.tensor(table.codes)  # a copy: the stored table is read-only
-    has_val = (dataset.items["split"] == "val").any()
-    qrels_val = schema.load_qrels(paths.qrels_val, dataset, split="val") if has_val else \
-        pd.DataFrame(columns=schema.QREL_COLUMNS)
-    val = validation_set(dataset, qrels_val, codes, table.vocab.level_sizes)
+    val = validation_set(dataset, load_qrels_val(paths, dataset), codes, table.vocab.level_sizes)
     ckpt_dir = paths.models / (out_name.removesuffix(".pt") + "_checkpoints")
     targets = codes[torch.tensor(pairs.rows)]
     key = run_key(cfg, seed=cfg.seed, table=table, texts=pairs.texts, targets=targets, val=val)

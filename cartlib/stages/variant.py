@@ -40,7 +40,8 @@ from cartlib.ids.vocab import Vocabulary
 from cartlib.model.sizing import trainable_parameters
 from cartlib.paths import TaskPaths
 from cartlib.stages.evaluate import rank_queries
-from cartlib.stages.train import build_model, load_bundle, save_bundle, training_pairs, validation_set
+from cartlib.stages.train import (build_model, load_bundle, load_qrels_val, save_bundle, training_pairs,
+                                  validation_set)
 from cartlib.train import ValidationSet, resolve_precision, train_cart
 
 # identifier settings that change the table itself (scheme aside); anything else is training-only
@@ -133,13 +134,6 @@ def trained_model(cfg: TrainConfig, *, table: IdentifierTable, texts: list[str],
     return TrainedVariant(tokenizer, result.model, result.history, key, False)
 
 
-def _qrels_val(paths: TaskPaths, dataset: schema.Dataset) -> pd.DataFrame:
-    """The validation queries' qrels (empty when the dataset has no validation split)."""
-    if not (dataset.items["split"] == "val").any():
-        return pd.DataFrame(columns=schema.QREL_COLUMNS)
-    return schema.load_qrels(paths.qrels_val, dataset, split="val")
-
-
 def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: bool = True) -> VariantResult:
     """Train (or reuse) and evaluate the generative model of ``params`` + ``overrides``."""
     p = with_overrides(params, overrides, where="overrides")
@@ -152,7 +146,7 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
     pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, seed=p.base.seed,
                            refs_per_item=cfg.refs_per_item, max_train_items=cfg.max_train_items)
     table = identifier_table(p, paths, dataset, progress=progress)
-    val = validation_set(dataset, _qrels_val(paths, dataset), torch.tensor(table.codes), table.vocab.level_sizes)
+    val = validation_set(dataset, load_qrels_val(paths, dataset), torch.tensor(table.codes), table.vocab.level_sizes)
     trained = trained_model(cfg, table=table, texts=pairs.texts, rows=pairs.rows, seed=cfg.seed,
                             cache_dir=paths.models / "variants", device=device, progress=progress, val=val)
     tokenizer, model, history, hit = trained.tokenizer, trained.model, trained.history, trained.cache_hit
