@@ -7,14 +7,14 @@ error before any expensive work), then executes `notebooks/NN_<stage>.ipynb` wit
 span all tasks) via a temp file, renamed when the run succeeded. Hyperparameters are never
 injected: they come from params.yaml alone, so DVC tracks them.
 
-Per-task stages: data, features, captions, identifiers, train, evaluate, baselines, tsne, compare (with
-`--variant SCHEME`: the same generative model on another identifier scheme). Ablation rows:
+Per-task stages: data, features, captions, identifiers, train, evaluate, baselines, tsne. The grid
+of generative rows (the paper's ablations, the identifier schemes, the fusion controls, the sweeps):
 `ablations --variant ROW` (a row of params.yaml `ablations.rows`). Whole-suite stages: throughput,
 report.
 
 A failed stage leaves nothing that looks current, run by DVC or by hand: before the notebook runs,
 the stage's previous results are removed (`stage_outputs`: `results/<stage>/<task>/`, only the
-variant's own folder for compare/ablations, `results/throughput/`, and for report `results/report/`,
+row's own folder for ablations, `results/throughput/`, and for report `results/report/`,
 `results/REPORT.md`, `results/tables/`), except the inputs that live there (`KEEP`). After a
 failure the folder holds only the failed notebook (`*.failed.ipynb`) and `FAILED.md` (stage, task,
 variant, the exception, the time); a success removes both. The executed notebook is normalised
@@ -40,14 +40,13 @@ STAGES = {
     "train": "04_train.ipynb",
     "evaluate": "05_evaluate.ipynb",
     "baselines": "05b_baselines.ipynb",
-    "compare": "05c_compare.ipynb",
     "ablations": "06_ablations.ipynb",
     "tsne": "07_tsne.ipynb",
     "throughput": "08_throughput.ipynb",
     "report": "09_report.ipynb",
 }
-TASK_STAGES = {"data", "features", "captions", "identifiers", "train", "evaluate", "baselines", "compare", "tsne"}
-VARIANT_STAGES = {"compare", "ablations"}  # need --variant
+TASK_STAGES = {"data", "features", "captions", "identifiers", "train", "evaluate", "baselines", "tsne"}
+VARIANT_STAGES = {"ablations"}  # need --variant
 # inputs that live among a stage's results and survive its clearing (a GPU run's rows, committed by hand)
 KEEP = {"throughput": ("throughput_gpu.csv",)}
 FAILURE_NOTE = "FAILED.md"
@@ -153,10 +152,8 @@ def run_stage(stage: str, task: str | None = None, *, variant: str | None = None
 
 
 def _check_variant(stage: str, variant: str, params) -> None:
-    from cartlib.config import SCHEMES, ConfigError
+    from cartlib.config import ConfigError
 
-    if stage == "compare" and variant not in SCHEMES:
-        raise ConfigError(f"compare --variant {variant!r}: expected an identifier scheme, one of {sorted(SCHEMES)}")
     if stage == "ablations" and variant not in params.ablations.rows:
         raise ConfigError(f"ablations --variant {variant!r}: not a row of params.yaml ablations.rows "
                           f"(rows: {sorted(params.ablations.rows)})")
@@ -167,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=sorted(STAGES), help="pipeline stage to run")
     parser.add_argument("--task", help="image, audio or video (per-task stages)")
-    parser.add_argument("--variant", help="identifier scheme (compare) or ablation row (ablations)")
+    parser.add_argument("--variant", help="ablation row (ablations): a row of params.yaml ablations.rows")
     parser.add_argument("--root", default=".", help="repository root (default: current folder)")
     parser.add_argument("--params", default="params.yaml", help="params file relative to the root")
     parser.add_argument("--log-output", action="store_true", help="stream the notebook's output")

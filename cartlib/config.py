@@ -139,21 +139,20 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
-class CompareConfig:
-    """The cheaper schedule of the main table's generative rows and of every ablation row."""
+class GridConfig:
+    """The schedule every ablation row shares, its `full` row included: overrides of `train` applied
+    before the row's own (fewer train items, a narrower decoder, the epochs and patience), chosen on
+    validation queries (`results/tuning/`) and stated in every grid table's caption; and the test
+    queries every row is scored on."""
 
-    tasks: tuple[str, ...] = ("image",)  # tasks with generative comparison rows (each row is a training run)
-    schemes: tuple[str, ...] = ("cart", "atomic", "hierarchical_kmeans", "rqvae_only")
-    epochs: int = 3
-    max_train_items: int = 1000  # train items used (first reference caption + pseudo-captions) + the test gallery
-    refs_per_item: int = 1
-    n_queries: int = 1000  # test queries scored per row (0 = all), the same ones for every row
+    train: dict = field(default_factory=dict)  # overrides of the `train` section for every grid row
+    n_queries: int = 0  # test queries scored per row (0 = all), the same ones for every row
 
 
 @dataclass(frozen=True)
 class AblationsConfig:
     task: str = "image"  # the paper ablates on Flickr30K (image) alone
-    # row name -> overrides of the identifiers / train / evaluate sections (on the compare schedule)
+    # row name -> overrides of the identifiers / train / evaluate sections (on top of grid.train)
     rows: dict = field(default_factory=lambda: {"full": {}})
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds (train.seed) of the seeded rows; the first alone for the others
     seeded_rows: tuple[str, ...] = ("full", "no_consistency", "no_fusion", "no_kmeans", "no_rqvae")  # the paper's rows
@@ -202,7 +201,7 @@ class Params:
     identifiers: IdentifiersConfig = field(default_factory=IdentifiersConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    compare: CompareConfig = field(default_factory=CompareConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
     ablations: AblationsConfig = field(default_factory=AblationsConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     tsne: TsneConfig = field(default_factory=TsneConfig)
@@ -222,7 +221,7 @@ SECTIONS: dict[str, type] = {
     "identifiers": IdentifiersConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
-    "compare": CompareConfig,
+    "grid": GridConfig,
     "ablations": AblationsConfig,
     "baselines": BaselinesConfig,
     "tsne": TsneConfig,
@@ -265,8 +264,9 @@ def params_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Params:
             for name, cls in SECTIONS.items()
         }
     params = Params(**sections, source=source)
+    grid = with_overrides(params, {"train": params.grid.train}, where=f"{source}: grid")
     for name, row in params.ablations.rows.items():  # every row must be a valid override, before any work
-        with_overrides(params, row, where=f"{source}: ablations.rows.{name}")
+        with_overrides(grid, row, where=f"{source}: ablations.rows.{name}")
     if not params.ablations.seeds or len(set(params.ablations.seeds)) != len(params.ablations.seeds):
         raise ConfigError(f"{source}: ablations.seeds must be distinct training seeds, at least one; "
                           f"got {list(params.ablations.seeds)}")
@@ -408,14 +408,11 @@ def _check_train_eval(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.patience: must be ≥ 0 (0 = train every epoch), got {obj.patience}")
         if obj.nproc < 1:
             raise ConfigError(f"{where}.nproc: must be ≥ 1 (worker processes), got {obj.nproc}")
-    if isinstance(obj, CompareConfig):
-        bad = [x for x in obj.schemes if x not in SCHEMES]
-        if bad:
-            raise ConfigError(f"{where}.schemes: unknown scheme(s) {bad}; expected {list(SCHEMES)}")
-        if [t for t in obj.tasks if t not in TASKS]:
-            raise ConfigError(f"{where}.tasks: expected tasks from {list(TASKS)}, got {list(obj.tasks)}")
-        if obj.epochs < 1 or obj.refs_per_item < 0 or obj.max_train_items < 0 or obj.n_queries < 0:
-            raise ConfigError(f"{where}: epochs must be ≥ 1; refs_per_item, max_train_items, n_queries ≥ 0")
+    if isinstance(obj, GridConfig):
+        if not isinstance(obj.train, dict):
+            raise ConfigError(f"{where}.train: expected a mapping of `train` keys, got {obj.train!r}")
+        if obj.n_queries < 0:
+            raise ConfigError(f"{where}.n_queries: must be ≥ 0 (0 = all test queries), got {obj.n_queries}")
     if isinstance(obj, AblationsConfig):
         if obj.task not in TASKS:
             raise ConfigError(f"{where}.task: {obj.task!r} is not one of {list(TASKS)}")

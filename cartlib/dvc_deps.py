@@ -38,9 +38,8 @@ HEADER = """\
 """
 # Params that a stage reads per fan-out item: the generated entry is replaced by the templated one.
 NARROWED = {"ablations": {"ablations.rows": "ablations.rows.${key}"}}
-# Params read by a module of the closure on a path this stage never takes: `run_ablation` shares
-# cartlib/stages/variant.py with `run_compare`, and compare never calls it.
-UNREAD = {"compare": {"ablations.rows", "ablations.task"}}
+# Params read by a module of the closure on a path this stage never takes (none today).
+UNREAD: dict[str, set[str]] = {}
 # Modules that read params only to validate or to log them: what they read does not change a result.
 NOT_SCANNED = {"cartlib/config.py", "cartlib/cli.py", "cartlib/results.py", "cartlib/tracking.py"}
 _ACCESS = re.compile(r"\b(?:params|p)\.(" + "|".join(SECTIONS) + r")\b(?:\.([a-z_]\w*))?")

@@ -1,18 +1,18 @@
-"""One generative run on the cheaper comparison schedule: identifiers → train → evaluate.
+"""One row of the grid: identifiers → train → evaluate.
 
-The main table's rows for the other identifier schemes (stage `compare`) and every ablation row
-(stage `ablations`) are the same thing: ``params`` with a few overrides of the ``identifiers``,
-``train`` and ``evaluate`` sections, trained on the ``compare:`` schedule (fewer epochs and
-reference captions than the main CART run; every item's pseudo-captions are kept) and scored on
-the same fixed subset of test queries. Identifiers come from the `identifiers` stage when the
+Every row of stage `ablations` (the paper's ablations, the identifier schemes, the fusion controls,
+the sweeps) is ``params`` with the grid's schedule (``grid.train``: overrides of ``train`` shared by
+every row, its `full` row included) and then the row's own overrides of the ``identifiers``,
+``train`` and ``evaluate`` sections. Every row trains with the same rule as the main model (validation
+recall@1 after each epoch, early stopping after ``train.patience`` epochs, the best epoch kept) and
+is scored on the same test queries (``grid.n_queries``; 0 = all). Identifiers come from the `identifiers` stage when the
 override keeps its structure (K, M, codebook size, …), else they are built here on the task's
 features with the overridden settings.
 
 Trained models are cached under ``models/<task>/variants/<key>.pt``, named by the settings part of
 :func:`cartlib.cache_key.run_key` (the whole train config, seed, identifier table, training texts
 and targets): training is deterministic on the CPU, so two rows that differ only in evaluation
-(the beam sweep) or that coincide (the ablation's "full" row and the main table's CART row) train
-once. The file also records the fingerprint of the training code; a model trained by other code
+(the beam sweep) or that coincide train once. The file also records the fingerprint of the training code; a model trained by other code
 is stale: never loaded, retrained (a line says so) and overwritten.
 """
 from __future__ import annotations
@@ -57,11 +57,10 @@ class VariantResult(NamedTuple):
     cache_hit: bool
 
 
-def schedule(params: Params) -> TrainConfig:
-    """``params.train`` on the comparison schedule (``compare:``), without validation passes."""
-    c = params.compare
-    return dataclasses.replace(params.train, epochs=c.epochs, max_train_items=c.max_train_items,
-                               refs_per_item=c.refs_per_item)
+def grid_params(params: Params, overrides: dict) -> Params:
+    """``params`` on the grid's schedule (``grid.train``), then with a row's ``overrides``."""
+    return with_overrides(with_overrides(params, {"train": params.grid.train}, where="params.yaml grid"),
+                          overrides, where="overrides")
 
 
 def query_subset(qrels: pd.DataFrame, n_queries: int, seed: int) -> pd.DataFrame:
@@ -136,12 +135,12 @@ def trained_model(cfg: TrainConfig, *, table: IdentifierTable, texts: list[str],
 
 def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: bool = True) -> VariantResult:
     """Train (or reuse) and evaluate the generative model of ``params`` + ``overrides``."""
-    p = with_overrides(params, overrides, where="overrides")
-    cfg = schedule(p)
+    p = grid_params(params, overrides)
+    cfg = p.train
     device = resolve_device(p.base.device)
     dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
     dataset = with_pseudo_captions(dataset, pseudo_captions_path(paths))  # the captions stage's
-    qrels = query_subset(schema.load_qrels(paths.qrels, dataset), p.compare.n_queries, p.base.seed)
+    qrels = query_subset(schema.load_qrels(paths.qrels, dataset), p.grid.n_queries, p.base.seed)
     # before the identifier table: a caption-enhanced row without pseudo-captions stops here
     pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, seed=p.base.seed,
                            refs_per_item=cfg.refs_per_item, max_train_items=cfg.max_train_items)
@@ -185,15 +184,6 @@ def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: 
 def write_variant(out: Path, result: VariantResult) -> list[Path]:
     """metrics.json and run.tsv of one row (atomic writes)."""
     return [io.write_json(out / "metrics.json", result.metrics), io.write_dataframe_tsv(out / "run.tsv", result.run)]
-
-
-def run_compare(params: Params, paths: TaskPaths, scheme: str, *, progress: bool = True) -> VariantResult:
-    """Stage `compare`: the main table's generative row for identifier ``scheme`` on one task."""
-    from cartlib.results import publish
-
-    result = run_variant(params, paths, overrides={"identifiers": {"scheme": scheme}}, progress=progress)
-    publish(paths, "compare", params=params, metrics=result.metrics, run=result.run, variant=scheme)
-    return result
 
 
 def row_seeds(params: Params, row: str) -> tuple[int, ...]:
