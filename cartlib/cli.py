@@ -7,9 +7,10 @@ error before any expensive work), then executes `notebooks/NN_<stage>.ipynb` wit
 span all tasks) via a temp file, renamed when the run succeeded. Hyperparameters are never
 injected: they come from params.yaml alone, so DVC tracks them.
 
-Per-task stages: data, features, captions, identifiers, train, evaluate, baselines, tsne. The grid
+Per-task stages: data, features, captions, identifiers, train, evaluate, baselines, tsne, and the grid
 of generative rows (the paper's ablations, the identifier schemes, the fusion controls, the sweeps):
-`ablations --variant ROW` (a row of params.yaml `ablations.rows`). Whole-suite stages: throughput,
+`ablations --task TASK --variant ROW` (a row of params.yaml `ablations.rows`, on a task of
+`ablations.tasks`). Whole-suite stages: throughput,
 report.
 
 A failed stage leaves nothing that looks current, run by DVC or by hand: before the notebook runs,
@@ -45,7 +46,7 @@ STAGES = {
     "throughput": "08_throughput.ipynb",
     "report": "09_report.ipynb",
 }
-TASK_STAGES = {"data", "features", "captions", "identifiers", "train", "evaluate", "baselines", "tsne"}
+TASK_STAGES = {"data", "features", "captions", "identifiers", "train", "evaluate", "baselines", "tsne", "ablations"}
 VARIANT_STAGES = {"ablations"}  # need --variant
 # inputs that live among a stage's results and survive its clearing (a GPU run's rows, committed by hand)
 KEEP = {"throughput": ("throughput_gpu.csv",)}
@@ -113,14 +114,14 @@ def run_stage(stage: str, task: str | None = None, *, variant: str | None = None
     if stage in VARIANT_STAGES:
         if not variant:
             raise ConfigError(f"stage {stage!r} needs --variant")
-        _check_variant(stage, variant, params)
+        _check_variant(stage, variant, params, task)
     elif variant:
         raise ConfigError(f"stage {stage!r} takes no --variant (got {variant!r})")
     import papermill as pm  # imported after validation: a bad params.yaml fails in well under a second
 
     from cartlib.notebook_io import normalise_notebook
 
-    where = task or (params.ablations.task if stage == "ablations" else "")
+    where = task or ""
     outputs = stage_outputs(stage, root=root, where=where, variant=variant)
     out = outputs.folder / STAGES[stage]
     failed = out.with_suffix(".failed.ipynb")
@@ -151,9 +152,11 @@ def run_stage(stage: str, task: str | None = None, *, variant: str | None = None
     return out
 
 
-def _check_variant(stage: str, variant: str, params) -> None:
+def _check_variant(stage: str, variant: str, params, task: str | None = None) -> None:
     from cartlib.config import ConfigError
 
+    if stage == "ablations" and task not in params.ablations.tasks:
+        raise ConfigError(f"ablations --task {task!r}: not one of params.yaml ablations.tasks {list(params.ablations.tasks)}")
     if stage == "ablations" and variant not in params.ablations.rows:
         raise ConfigError(f"ablations --variant {variant!r}: not a row of params.yaml ablations.rows "
                           f"(rows: {sorted(params.ablations.rows)})")

@@ -37,9 +37,10 @@ HEADER = """\
 # (tests/test_dvc_deps.py fails while they disagree). Everything else here is edited by hand.
 """
 # Params that a stage reads per fan-out item: the generated entry is replaced by the templated one.
-NARROWED = {"ablations": {"ablations.rows": "ablations.rows.${key}"}}
-# Params read by a module of the closure on a path this stage never takes (none today).
-UNREAD: dict[str, set[str]] = {}
+NARROWED = {"ablations": {"ablations.rows": "ablations.rows.${item.row}"}}
+# Params a stage's code reads only to validate its arguments (a row's task must be listed): a new
+# task in the list must not rerun the rows of the others.
+UNREAD = {"ablations": {"ablations.tasks"}}
 # Modules that read params only to validate or to log them: what they read does not change a result.
 NOT_SCANNED = {"cartlib/config.py", "cartlib/cli.py", "cartlib/results.py", "cartlib/tracking.py"}
 _ACCESS = re.compile(r"\b(?:params|p)\.(" + "|".join(SECTIONS) + r")\b(?:\.([a-z_]\w*))?")

@@ -218,9 +218,9 @@ def mean_over_seeds(results: dict[int, VariantResult]) -> dict:
     return out
 
 
-def run_ablation(params: Params, root: str | Path, row: str, *, progress: bool = True) -> VariantResult:
-    """Stage `ablations`: one row of ``params.ablations.rows`` on ``params.ablations.task``, trained
-    with each of its seeds (:func:`row_seeds`).
+def run_ablation(params: Params, root: str | Path, row: str, *, task: str, progress: bool = True) -> VariantResult:
+    """Stage `ablations`: one row of ``params.ablations.rows`` on ``task`` (one of
+    ``params.ablations.tasks``), trained with each of its seeds (:func:`row_seeds`).
 
     Writes the row's ``metrics.json`` (the ranking metrics averaged over the seeds, ``n_seeds``) and
     ``run.tsv`` (the first seed's), ``seeds/seed_<s>/run.tsv`` + ``metrics.json`` for every other
@@ -231,7 +231,9 @@ def run_ablation(params: Params, root: str | Path, row: str, *, progress: bool =
 
     if row not in params.ablations.rows:
         raise KeyError(f"{row!r} is not a row of params.yaml ablations.rows ({sorted(params.ablations.rows)})")
-    paths = task_paths(root, params.ablations.task)
+    if task not in params.ablations.tasks:
+        raise KeyError(f"{task!r} is not one of params.yaml ablations.tasks {list(params.ablations.tasks)}")
+    paths = task_paths(root, task)
     overrides = params.ablations.rows[row]
     results = {seed: run_variant(params, paths, overrides=seed_overrides(overrides, seed), progress=progress)
                for seed in row_seeds(params, row)}
