@@ -116,8 +116,8 @@ class TrainConfig:
     n_layers: int = 2  # decoder layers (the paper's decoder is "compact")
     n_heads: int = 4
     dropout: float = 0.1
-    epochs: int = 3  # the most epochs trained (the learning-rate schedule spans them all)
-    patience: int = 0  # stop after this many epochs without a better validation recall@1 (0 = never)
+    epochs: int = 8  # the most epochs trained (the learning-rate schedule spans them all)
+    patience: int = 2  # stop after this many epochs without a better validation recall@1 (0 = never)
     batch_size: int = 128
     lr: float = 0.001
     weight_decay: float = 0.01

@@ -9,7 +9,7 @@ per-query hit@1 over the same test queries, with a 95% two-level paired bootstra
 then queries); *holds* / *refuted* only when the interval excludes 0 (or, for "adds little", lies
 within ±1 pt), otherwise *inconclusive*.
 
-**Rows and seeds.** A row (a system: the CART run, a baseline, a compare scheme, an ablation row)
+**Rows and seeds.** A row (a system: the CART run, a baseline, a row of the grid)
 is one or more run files, one per training seed, beside the row's ``metrics.json``::
 
     <row folder>/<run file>            the run of params.yaml's base.seed
@@ -66,7 +66,7 @@ PAPER_MAIN = {  # task: (dataset, best dual-tower R@1, CART R@1)
 }
 PAPER_GRACE = ("Flickr30K", 68.4, 81.78)  # GRACE (atomic ids, another model) vs CART, R@1 %
 # the stages whose results the report reads: their dvc.lock entries identify what produced them
-READS = ("features", "evaluate", "baselines", "compare", "ablations", "tsne", "throughput")
+READS = ("features", "train", "evaluate", "baselines", "ablations", "tsne", "throughput")
 CLAIM_COLUMNS = ["claim", "task", "ours", "kind", "delta", "ci_low", "ci_high", "rel_delta", "n_queries", "n_seeds",
                  "paper", "paper_delta", "paper_rel_delta", "verdict", "evidence"]
 KIND_TEXT = {Kind.HIGHER: "Δ > 0", Kind.LOWER: "Δ < 0", Kind.EQUIVALENT: "|Δ| ≤ 0.01", Kind.RANKING: "gaps > 0"}
@@ -220,11 +220,6 @@ def main_table(root: Path, params: Params) -> pd.DataFrame:
         for r in baseline_rows:
             if r["system"] != "dual_tower_exact":
                 rows.append({"task": task, **r, "system": r["description"], "schedule": "—"})
-        for scheme in params.compare.schemes:
-            m = _measured(res / "compare" / task / scheme / "metrics.json")
-            if m:
-                rows.append({"task": task, "system": f"generative, {SCHEME_NAMES.get(scheme, scheme)}",
-                             "schedule": "compare", **m})
         cart = _measured(res / "evaluate" / task / "metrics.json")
         if cart:
             rows.append({"task": task, "system": "**CART** (main run)", "schedule": "main", **cart})
@@ -236,12 +231,40 @@ def main_table(root: Path, params: Params) -> pd.DataFrame:
     return frame
 
 
+# the grid rows that are identifier schemes (the same models as the ablations: trained once, shown twice)
+SCHEME_ROWS = {"full": "cart", "no_kmeans": "rqvae_only", "no_rqvae": "hierarchical_kmeans", "atomic": "atomic"}
+
+
 def ablation_table(root: Path, params: Params, evidence: Evidence | None = None) -> pd.DataFrame:
-    """One row per ablation row: its metrics (empty where its lists are shorter than the cut-off), the
-    change against the full row with the paired 95% interval of the R@1 change, absolute and relative
-    to the full row, and the paper's changes beside them."""
+    """One row per grid row and task of ``ablations.tasks``: its metrics (empty where its lists are
+    shorter than the cut-off), its trainable parameters and epochs, the change against the task's full
+    row with the paired 95% interval of the R@1 change, absolute and relative to the full row, and the
+    paper's changes beside them."""
     ev = evidence or Evidence(root, params)
-    task = params.ablations.task
+    rows = []
+    for task in params.ablations.tasks:
+        rows += _ablation_rows(root, params, ev, task)
+    cols = ["task", "row", "overrides", "level_sizes", "beam", "trainable_params", "n_seeds", "epochs", "best_epoch",
+            "recall_at_1", "recall_at_10", "mrr_at_10",
+            "delta_recall_at_1", "delta_r1_ci95_low", "delta_r1_ci95_high", "rel_delta_recall_at_1",
+            "delta_recall_at_10", "delta_mrr_at_10", "paper_delta_r1", "paper_rel_delta_r1", "paper_delta_r10",
+            "paper_delta_mrr10"]
+    return pd.DataFrame(rows).reindex(columns=cols) if rows else pd.DataFrame(columns=cols)
+
+
+def scheme_table(abl: pd.DataFrame) -> pd.DataFrame:
+    """The identifier-scheme rows of the grid (CART, RQ-VAE only, hierarchical K-Means, atomic): the same
+    runs as the ablation rows ``SCHEME_ROWS``, named by their scheme."""
+    cols = ["task", "identifiers", "row", "level_sizes", "n_seeds", "recall_at_1", "recall_at_10", "mrr_at_10",
+            "delta_recall_at_1", "delta_r1_ci95_low", "delta_r1_ci95_high"]
+    if not len(abl):
+        return pd.DataFrame(columns=cols)
+    out = abl[abl["row"].isin(list(SCHEME_ROWS))].copy()
+    out["identifiers"] = out["row"].map(lambda r: SCHEME_NAMES[SCHEME_ROWS[r]])
+    return out.reindex(columns=cols).reset_index(drop=True)
+
+
+def _ablation_rows(root: Path, params: Params, ev: Evidence, task: str) -> list[dict]:
     base = root / "results" / "ablations" / task
     full = _json(base / "full" / "metrics.json")
     rows = []
@@ -254,8 +277,14 @@ def ablation_table(root: Path, params: Params, evidence: Evidence | None = None)
         for k in values:  # a row whose lists are shorter than the cut-off has no such metric
             if depth is not None and not applicable(CUTOFF[k], depth, m.get("n_candidates")):
                 values[k] = float("nan")
-        rec = {"row": row, "overrides": json.dumps(overrides, sort_keys=True), "level_sizes": m.get("level_sizes"),
-               "beam": m.get("beam"), "n_seeds": len(ev.hits(task, f"ablations/{task}/{row}")), **values}
+        seeds = _table(base / row / "seeds" / "seeds.tsv")
+        epochs = (lambda c: "" if seeds is None or c not in seeds else
+                  "/".join(str(int(v)) for v in seeds[c].dropna()))
+        rec = {"task": task, "row": row, "overrides": json.dumps(overrides, sort_keys=True),
+               "level_sizes": m.get("level_sizes"), "beam": m.get("beam"),
+               "trainable_params": m.get("trainable_params"),
+               "n_seeds": len(ev.hits(task, f"ablations/{task}/{row}")),
+               "epochs": epochs("train_epochs"), "best_epoch": epochs("best_epoch"), **values}
         if full:
             for k in values:
                 rec[f"delta_{k}"] = values[k] - _number(full.get(k))
@@ -271,11 +300,7 @@ def ablation_table(root: Path, params: Params, evidence: Evidence | None = None)
             rec["paper_delta_r10"] = round((paper[1] - full_p[1]) / 100, 4)
             rec["paper_delta_mrr10"] = round((paper[2] - full_p[2]) / 100, 4)
         rows.append(rec)
-    cols = ["row", "overrides", "level_sizes", "beam", "n_seeds", "recall_at_1", "recall_at_10", "mrr_at_10",
-            "delta_recall_at_1", "delta_r1_ci95_low", "delta_r1_ci95_high", "rel_delta_recall_at_1",
-            "delta_recall_at_10", "delta_mrr_at_10", "paper_delta_r1", "paper_rel_delta_r1", "paper_delta_r10",
-            "paper_delta_mrr10"]
-    return pd.DataFrame(rows).reindex(columns=cols) if rows else pd.DataFrame(columns=cols)
+    return rows
 
 
 def _fmt_ci(ci: PairedCI | None) -> str:
@@ -327,6 +352,39 @@ def _ranking_claim(ev: Evidence, abl_task: str, position: int, means: dict[str, 
                   verdict=stats.verdict(Kind.RANKING, [c for *_, c in gaps] + [oriented_drop]), shown=shown)
 
 
+def _ablation_claims(ev: Evidence, t: str) -> list[dict]:
+    """The paper's Table 4 claims on task ``t`` of the grid (Δ = ablated − full), plus fusion at equal
+    trainable parameters (the `no_fusion_matched` row)."""
+    claims: list[dict] = []
+    folder = lambda r: (f"ablations/{t}/{r}",)
+    full_hits = ev.hits(t, *folder("full"))
+    if not full_hits:
+        return claims
+    full_r1 = _mean(full_hits)
+    means = {r: _mean(ev.hits(t, *folder(r))) for r in PAPER_RANKED if ev.hits(t, *folder(r))}
+    extra = {r: _mean(ev.hits(t, *folder(r))) for r in ("no_caption_enhancement",) if ev.hits(t, *folder(r))}
+    note = "".join(f"; not in the paper's table: w/o {ROW_NAMES[r]} {v:.3f} ({v - full_r1:+.3f})"
+                   for r, v in extra.items() if means and v < min(means.values()))
+    for position in (0, 1):
+        claims.append(_ranking_claim(ev, t, position, means, full_r1, note if position == 0 else ""))
+    paper_drop = lambda r: ((PAPER_ABLATION[r][0] - PAPER_ABLATION["full"][0]) / 100 if r in PAPER_ABLATION
+                            else float("nan"))
+    for row, claim, kind in (("no_kmeans", "The K-Means coarse token helps", Kind.LOWER),
+                             ("no_fusion_matched", "(not in the paper) Fusion helps at equal trainable parameters "
+                                                   "(plain cross-attention with a wider FFN)", Kind.LOWER),
+                             ("no_caption_enhancement", "Caption enhancement helps", Kind.LOWER),
+                             ("no_consistency", "The consistency loss adds little (the R@1 change lies within "
+                                                "±1 pt)", Kind.EQUIVALENT)):
+        ci = ev.compare(t, folder(row), folder("full"))
+        paper = (f"w/o {PAPER_ABLATION[row][0]:.2f} vs full {PAPER_ABLATION['full'][0]:.2f}"
+                 if row in PAPER_ABLATION else "not reported")
+        ours = (f"w/o {_mean(ev.hits(t, *folder(row))):.3f} vs full {full_r1:.3f}" if ci else
+                f"no run of the ablation row `{row}`")
+        claims.append(_claim(claim, t, ours, kind, ci, full_r1, paper, paper_drop(row),
+                             PAPER_ABLATION["full"][0] / 100, "results/tables/ablations.md"))
+    return claims
+
+
 def claims_table(root: Path, params: Params, main: pd.DataFrame, abl: pd.DataFrame,
                  evidence: Evidence | None = None) -> pd.DataFrame:
     ev = evidence or Evidence(root, params)
@@ -356,9 +414,9 @@ def claims_table(root: Path, params: Params, main: pd.DataFrame, abl: pd.DataFra
             "no generation)", task, ours, Kind.HIGHER, ci, _mean(ev.hits(task, *fused)), "not reported",
             float("nan"), float("nan"),
             f"results/evaluate/{task}/run.tsv vs results/baselines/{task}/runs/pseudo_caption_fused.tsv.gz"))
-    # 2. vs atomic identifiers (GRACE), in our model on the compare schedule
-    for task in params.base.tasks:
-        a, c = (f"compare/{task}/atomic",), (f"compare/{task}/cart",)
+    # 2. vs atomic identifiers (GRACE), in our model: the grid's atomic row against its full row
+    for task in params.ablations.tasks:
+        a, c = (f"ablations/{task}/atomic",), (f"ablations/{task}/full",)
         ci = ev.compare(task, c, a)
         if ci:
             claims.append(_claim(
@@ -367,32 +425,10 @@ def claims_table(root: Path, params: Params, main: pd.DataFrame, abl: pd.DataFra
                 _mean(ev.hits(task, *a)),
                 f"{PAPER_GRACE[0]}: {PAPER_GRACE[2]} vs {PAPER_GRACE[1]} (GRACE, another model)",
                 (PAPER_GRACE[2] - PAPER_GRACE[1]) / 100, PAPER_GRACE[1] / 100,
-                f"results/compare/{task}/cart/run.tsv vs atomic/run.tsv"))
-    # 3. the ablations (Table 4): Δ = ablated − full
-    t = params.ablations.task
-    folder = lambda r: (f"ablations/{t}/{r}",)
-    full_hits = ev.hits(t, *folder("full"))
-    if full_hits:
-        full_r1 = _mean(full_hits)
-        means = {r: _mean(ev.hits(t, *folder(r))) for r in PAPER_RANKED if ev.hits(t, *folder(r))}
-        extra = {r: _mean(ev.hits(t, *folder(r))) for r in ("no_caption_enhancement",) if ev.hits(t, *folder(r))}
-        note = "".join(f"; not in the paper's table: w/o {ROW_NAMES[r]} {v:.3f} ({v - full_r1:+.3f})"
-                       for r, v in extra.items() if means and v < min(means.values()))
-        for position in (0, 1):
-            claims.append(_ranking_claim(ev, t, position, means, full_r1, note if position == 0 else ""))
-        paper_drop = lambda r: ((PAPER_ABLATION[r][0] - PAPER_ABLATION["full"][0]) / 100 if r in PAPER_ABLATION
-                                else float("nan"))
-        for row, claim, kind in (("no_kmeans", "The K-Means coarse token helps", Kind.LOWER),
-                                 ("no_caption_enhancement", "Caption enhancement helps", Kind.LOWER),
-                                 ("no_consistency", "The consistency loss adds little (the R@1 change lies within "
-                                                    "±1 pt)", Kind.EQUIVALENT)):
-            ci = ev.compare(t, folder(row), folder("full"))
-            paper = (f"w/o {PAPER_ABLATION[row][0]:.2f} vs full {PAPER_ABLATION['full'][0]:.2f}"
-                     if row in PAPER_ABLATION else "not reported")
-            ours = (f"w/o {_mean(ev.hits(t, *folder(row))):.3f} vs full {full_r1:.3f}" if ci else
-                    f"no run of the ablation row `{row}`")
-            claims.append(_claim(claim, t, ours, kind, ci, full_r1, paper, paper_drop(row),
-                                 PAPER_ABLATION["full"][0] / 100, "results/tables/ablations.md"))
+                f"results/ablations/{task}/full vs atomic (the grid)"))
+    # 3. the ablations (Table 4): Δ = ablated − full, on each task of the grid
+    for t in params.ablations.tasks:
+        claims += _ablation_claims(ev, t)
     # 4. throughput (a measured ratio, not a paired comparison)
     tp = _measured(res / "throughput" / "metrics.json")
     if tp:
@@ -530,6 +566,49 @@ def claims_markdown(claims: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def learning_curves(root: Path, params: Params):
+    """Validation R@1 per epoch of each task's main model (``results/train/<task>/history.tsv``), the
+    kept (best) epoch marked: where the plateau is, on validation queries only. None without histories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    histories = {t: _table(root / "results" / "train" / t / "history.tsv") for t in params.base.tasks}
+    histories = {t: h for t, h in histories.items() if h is not None and "val_recall_at_1" in h}
+    if not histories:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for task, h in histories.items():
+        line, = ax.plot(h["epoch"], h["val_recall_at_1"], marker="o", label=task)
+        best = h.loc[h["val_recall_at_1"].idxmax()]
+        ax.plot([best["epoch"]], [best["val_recall_at_1"]], marker="*", markersize=14, color=line.get_color(),
+                linestyle="none")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation R@1")
+    ax.set_title("Main models: validation R@1 per epoch (★ = the epoch kept)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="task")
+    fig.tight_layout()
+    return fig
+
+
+def grid_caption(params: Params) -> str:
+    """What every grid table's rows share: the schedule (``grid.train`` over ``train``), the seeds, the
+    queries; stated beside every grid table."""
+    over = ", ".join(f"`{k}: {v}`" for k, v in sorted(params.grid.train.items())) or "none (the main scale)"
+    t = params.train
+    return (f"Every row of the grid trains like the main model (validation R@1 after each epoch on the validation "
+            f"queries, early stopping after `patience` epochs without improvement, the best epoch kept) on the grid's "
+            f"schedule, the `train` section with these overrides: {over} (main model: `d_model: {t.d_model}`, "
+            f"`epochs: {t.epochs}`, `patience: {t.patience}`, "
+            f"`max_train_items: {t.max_train_items or 'all'}`), chosen on validation queries "
+            f"(`results/tuning/`). So the grid's numbers are comparable with each other, not with the main table. "
+            f"Rows {', '.join(f'`{r}`' for r in params.ablations.seeded_rows)} train with seeds "
+            f"{list(params.ablations.seeds)}, the others with seed {params.ablations.seeds[0]}; metrics are the mean "
+            f"over a row's seeds. Scored on {params.grid.n_queries or 'all'} test queries per task.")
+
+
 def run(params: Params, root: str | Path) -> ReportResult:
     root = Path(root).resolve()
     ev = Evidence(root, params)
@@ -542,10 +621,18 @@ def run(params: Params, root: str | Path) -> ReportResult:
     io.write_text(tables / "main.tex", _fmt(main).to_latex(index=False))
     io.write_text(tables / "ablations.md", _fmt(abl).to_markdown(index=False) + "\n")
     io.write_text(tables / "ablations.tex", _fmt(abl).to_latex(index=False))
+    schemes = scheme_table(abl)
+    io.write_text(tables / "schemes.md", _fmt(schemes).to_markdown(index=False) + "\n")
+    curves = learning_curves(root, params)
+    if curves is not None:
+        io.save_figure(curves, tables / "learning_curves")
+        import matplotlib.pyplot as plt
+
+        plt.close(curves)
     io.write_text(tables / "claims.md", shown.to_markdown(index=False, disable_numparse=True) + "\n")
     prov = provenance(root)
     runs = _mlflow_runs(root)
-    c = params.compare
+    caption = grid_caption(params)
     md = "\n".join([
         "# CART on our benchmark: the paper's claims, checked",
         "",
@@ -577,24 +664,36 @@ def run(params: Params, root: str | Path) -> ReportResult:
         "",
         "## Main table (the paper's Tables 2–3)",
         "",
-        f"`main` = the CART run of the `train`/`evaluate` stages (all test queries). `compare` = the same generative "
-        f"model on each identifier scheme, on a cheaper schedule ({c.epochs} epochs, the first reference caption of "
-        f"{c.max_train_items or 'every'} train items with their pseudo-captions, and the whole test gallery's pseudo-captions) and {c.n_queries or 'all'} test "
-        "queries; compare rows are comparable with each other, not with the main row. Queries/s are this machine's "
-        "(2-core CPU), for the whole query set in one batch. An empty cell: not applicable.",
+        f"`main` = the CART run of the `train`/`evaluate` stages (the main scale, all test queries), beside the "
+        "dual tower, FAISS and pseudo-caption matching on the same test queries. Queries/s are this machine's "
+        f"(2-core CPU) for batches of {params.evaluate.batch_size} queries. An empty cell: not applicable. The other "
+        "identifier schemes are rows of the grid (below), at the grid's scale.",
         "",
         _fmt(main).to_markdown(index=False),
         "",
-        "## Ablations (the paper's Table 4 and more)",
+        "### Learning curves of the main models",
         "",
-        f"Task `{params.ablations.task}`, all rows on the `compare` schedule (see above), so the full row is "
-        "the compare CART row. Metrics are the row's `metrics.json` (base seed); a metric cut at k is empty (not "
-        "applicable) for a row whose lists are shorter than k (`beam_1`, `beam_5`). `delta_*` = row − full; "
-        "`delta_r1_ci95_low/high` = the 95% interval of the paired R@1 difference (the bootstrap above; "
-        "`n_seeds` runs of the row); `rel_delta_recall_at_1` = delta / full; `paper_*` = the paper's Flickr30K "
-        "deltas (fractions) and relative drop.",
+        "![Validation R@1 per epoch](tables/learning_curves.png)" if curves is not None else
+        "(no training history: run the `train` stage)",
+        "",
+        "## The grid: ablations (the paper's Table 4 and more) and identifier schemes",
+        "",
+        caption,
+        "",
+        f"Tasks {list(params.ablations.tasks)}. A metric cut at k is empty (not applicable) for a row whose lists are "
+        "shorter than k (`beam_1`, `beam_5`). `trainable_params` = the decoder's trainable parameters (the encoder is "
+        "frozen); `epochs`/`best_epoch` per seed. `delta_*` = row − full; `delta_r1_ci95_low/high` = the 95% "
+        "interval of the paired R@1 difference (the bootstrap above; `n_seeds` runs of the row); "
+        "`rel_delta_recall_at_1` = delta / full; `paper_*` = the paper's Flickr30K deltas (fractions) and relative "
+        "drop.",
         "",
         _fmt(abl).to_markdown(index=False) if len(abl) else "(no ablation results)",
+        "",
+        "### Identifier schemes in the same model (the grid's rows, at the grid's scale)",
+        "",
+        caption,
+        "",
+        _fmt(schemes).to_markdown(index=False) if len(schemes) else "(no scheme rows)",
         "",
         "## Figures",
         "",

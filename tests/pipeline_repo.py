@@ -50,8 +50,7 @@ def copy_repo(dest: Path, *, scale: str = "smoke") -> Path:
         shutil.copy2(ROOT / "results" / "throughput" / "throughput_gpu.csv", dest / "results" / "throughput")
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["base"]["scale"] = scale
-    # every stage runs, not every row: two schemes, four ablation rows (a training, a cache hit, new ids)
-    params["compare"]["schemes"] = ["cart", "atomic"]
+    # every stage runs, not every row: four grid rows (a training, a cache hit, new ids)
     params["ablations"]["rows"] = {k: params["ablations"]["rows"][k] for k in ("full", "no_fusion", "k_16", "beam_5")}
     # and one row trains with 2 data-parallel processes: the stage → notebook → workers path
     params["ablations"]["rows"]["no_fusion"] = {"train": {"fusion": False, "nproc": 2}}

@@ -181,12 +181,12 @@ def _two_head_model():
 
 # ------------------------------------------------------------------------------- variant models
 def test_variant_model_is_reused_only_with_the_same_config_and_code(tmp_path, capsys, request):
-    from cartlib.config import CompareConfig, EvaluateConfig
+    from cartlib.config import EvaluateConfig, GridConfig
     from cartlib.stages.variant import run_variant
 
     paths = tiny_repo(tmp_path)  # its identifier table matches params.identifiers: the variant reuses it
     params = dataclasses.replace(PARAMS, train=TINY, evaluate=EvaluateConfig(beam=2, top_k=2),
-                                 compare=CompareConfig(epochs=1, n_queries=0))
+                                 grid=GridConfig(train={"epochs": 1}, n_queries=0))
     row = lambda **over: run_variant(params, paths, overrides={"train": over}, progress=False)
     first = row()
     assert not first.cache_hit

@@ -71,15 +71,15 @@ def test_success_removes_the_failure_note_and_writes_the_same_bytes_twice(tmp_pa
 def test_clearing_keeps_inputs_and_touches_only_the_stage_own_results(tmp_path):
     res = tmp_path / "results"
     for rel in ("throughput/metrics.json", "throughput/throughput.png", "throughput/throughput_gpu.csv",
-                "compare/image/atomic/metrics.json", "compare/image/cart/metrics.json",
+                "ablations/image/atomic/metrics.json", "ablations/image/full/metrics.json",
                 "report/09_report.ipynb", "REPORT.md", "tables/main.md", "evaluate/image/metrics.json"):
         (res / rel).parent.mkdir(parents=True, exist_ok=True)
         (res / rel).write_text("old")
     cli.clear_outputs(cli.stage_outputs("throughput", root=tmp_path))
     assert [p.name for p in (res / "throughput").iterdir()] == ["throughput_gpu.csv"]
-    cli.clear_outputs(cli.stage_outputs("compare", root=tmp_path, where="image", variant="atomic"))
-    assert not (res / "compare/image/atomic/metrics.json").exists()
-    assert (res / "compare/image/cart/metrics.json").exists()
+    cli.clear_outputs(cli.stage_outputs("ablations", root=tmp_path, where="image", variant="atomic"))
+    assert not (res / "ablations/image/atomic/metrics.json").exists()
+    assert (res / "ablations/image/full/metrics.json").exists()
     cli.clear_outputs(cli.stage_outputs("report", root=tmp_path))
     assert not any(p.exists() for p in (res / "REPORT.md", res / "tables/main.md", res / "report/09_report.ipynb"))
     assert (res / "evaluate/image/metrics.json").exists()

@@ -72,22 +72,24 @@ def test_suite_stages_write_tables_figures_and_report(smoke_repo):
     assert systems.loc["faiss_flat", "recall_vs_exact"] == 1.0
     dual = json.loads((res / "features" / "image" / "metrics.json").read_text())
     assert systems.loc["dual_tower_exact", "recall_at_1"] == pytest.approx(dual["recall_at_1"])
-    for scheme in ("cart", "atomic"):
-        m = json.loads((res / "compare" / "image" / scheme / "metrics.json").read_text())
-        assert m["scheme"] == scheme and m["n_queries"] == 100
     rows = {r: json.loads((res / "ablations" / "image" / r / "metrics.json").read_text())
             for r in ("full", "no_fusion", "k_16", "beam_5")}
+    assert all(m["n_queries"] == 500 for m in rows.values())  # grid.n_queries: 0 = every smoke test query
     assert rows["beam_5"]["beam"] == 5
+    # beam_5 differs from full in evaluation only: the same model (full's seed 0), trained once
     assert json.loads((res / "ablations" / "image" / "beam_5" / "timings.json").read_text())["model_cache_hit"]
-    full = json.loads((res / "compare" / "image" / "cart" / "metrics.json").read_text())
     seeds = pd.read_csv(res / "ablations" / "image" / "full" / "seeds" / "seeds.tsv", sep="\t").set_index("seed")
-    assert seeds.loc[0, "recall_at_1"] == full["recall_at_1"]  # seed 0: the same model and queries as compare's
-    assert seeds.loc[0, "model_key"] == full["model_key"]
+    assert seeds.loc[0, "model_key"] == rows["beam_5"]["model_key"]
+    # every row trains on the grid's schedule (smoke: grid.train epochs 2, patience 1) with validation
+    assert (seeds["train_epochs"] <= 2).all() and (seeds["best_epoch"] <= seeds["train_epochs"]).all()
+    assert rows["no_fusion"]["trainable_params"] < rows["full"]["trainable_params"]
     assert rows["k_16"]["level_sizes"].startswith("16×")
     assert (res / "tsne" / "image" / "tsne_prefixes.png").exists()
     report = (res / "REPORT.md").read_text()
     assert "## Claims" in report and "CART beats the dual-tower baseline" in report
     assert (res / "tables" / "main.md").exists() and (res / "tables" / "ablations.tex").exists()
+    assert "Identifier schemes in the same model" in report and (res / "tables" / "schemes.md").exists()
+    assert (res / "tables" / "learning_curves.png").exists()
     table = pd.read_csv(res / "throughput" / "throughput.csv")
     assert list(table.columns) == ["system", "device", "n_candidates", "batch_size", "beam", "qps", "latency_ms_p50",
                                    "peak_mem_mb", "recall_vs_exact"]
@@ -116,7 +118,7 @@ def test_every_result_file_is_a_declared_output(smoke_repo):
 
 # one instance of every stage: its rerun on an unchanged tree may rewrite only measurement files
 RERUN = ("data@image", "features@image", "identifiers@image", "train@image", "evaluate@image", "baselines@image",
-         "compare@image-cart", "ablations@full", "ablations@beam_5", "tsne", "throughput", "report")
+         "ablations@image-full", "ablations@image-beam_5", "tsne", "throughput", "report")
 
 
 @pytest.mark.slow
@@ -154,7 +156,7 @@ def test_seeded_ablation_rows_average_their_seeds(smoke_repo):
         runs = [out / "run.tsv", *sorted((out / "seeds").glob("seed_*/run.tsv"))]
         assert m["n_seeds"] == n_seeds == len(runs)
         r1 = []
-        for path in runs:  # each run scores the rows' common query subset (compare.n_queries)
+        for path in runs:  # each run scores the rows' common queries (grid.n_queries)
             run = pd.read_csv(path, sep="\t", dtype={"query_id": str, "item_id": str})
             r1.append(metrics_from_run(run, qrels[qrels["query_id"].isin(set(run["query_id"]))])["recall_at_1"])
         assert m["recall_at_1"] == pytest.approx(sum(r1) / len(r1))

@@ -1,6 +1,7 @@
 """The comparison, ablation, baseline, t-SNE and report stages' building blocks, against oracles."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -12,7 +13,7 @@ from cartlib.config import ConfigError, load_params, params_from_dict, with_over
 from cartlib.baselines import faiss_indexes, recall_vs_exact
 from cartlib.stages.baselines import pseudo_caption_scores
 from cartlib.stages.tsne import prefix_ratio
-from cartlib.stages.variant import query_subset, schedule
+from cartlib.stages.variant import grid_params, query_subset
 
 
 def raw_params() -> dict:
@@ -44,11 +45,25 @@ def test_a_bad_ablation_row_fails_at_load_naming_the_row(row, message):
     assert message in str(e.value)
 
 
-def test_compare_schedule_is_cheaper_and_skips_validation():
+def test_grid_rows_share_the_grid_schedule_then_apply_their_own_overrides():
     params = load_params("params.yaml")
-    cfg = schedule(params)
-    assert cfg.epochs == params.compare.epochs and cfg.max_train_items == params.compare.max_train_items
-    assert cfg.d_model == params.train.d_model
+    full = grid_params(params, params.ablations.rows["full"]).train
+    for key, value in params.grid.train.items():
+        assert getattr(full, key) == value
+    for key in ("lr", "batch_size", "consistency_weight"):  # what the grid leaves alone is the main model's
+        if key not in params.grid.train:
+            assert getattr(full, key) == getattr(params.train, key)
+    no_fusion = grid_params(params, {"train": {"fusion": False}}).train
+    assert no_fusion == dataclasses.replace(full, fusion=False)  # the row's override on top, nothing else
+    assert full.patience > 0  # the same early-stopping rule as the main model
+
+
+def test_grid_train_rejects_unknown_train_keys():
+    raw = raw_params()
+    raw["grid"]["train"] = {"d_modle": 64}
+    with pytest.raises(ConfigError, match="grid") as e:
+        params_from_dict(raw)
+    assert "d_modle" in str(e.value)
 
 
 def test_query_subset_is_fixed_by_seed_and_sorted():
@@ -105,9 +120,10 @@ def test_prefix_ratio_by_brute_force():
 
 # -------------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("argv, message", [
-    (["compare", "--task", "image"], "needs --variant"),
-    (["compare", "--task", "image", "--variant", "dsi"], "expected an identifier scheme"),
-    (["ablations", "--variant", "nope"], "not a row of params.yaml ablations.rows"),
+    (["ablations", "--task", "image"], "needs --variant"),
+    (["ablations", "--variant", "full"], "needs --task"),
+    (["ablations", "--task", "audio", "--variant", "full"], "not one of params.yaml ablations.tasks"),
+    (["ablations", "--task", "image", "--variant", "nope"], "not a row of params.yaml ablations.rows"),
     (["report", "--task", "image"], "takes no --task"),
     (["tsne"], "needs --task"),
 ])
