@@ -1,13 +1,14 @@
 """The ablation grid on DVC's experiment queue: queue one experiment per row, run N at a time, collect.
 
-    .venv/bin/python scripts/queue_grid.py queue [ROW ...] [--force] [--set KEY=VALUE ...]
+    .venv/bin/python scripts/queue_grid.py queue [ROW | TASK-ROW ...] [--force] [--set KEY=VALUE ...]
     .venv/bin/python scripts/queue_grid.py start --jobs 2      # returns when the queue is empty
     .venv/bin/dvc exp show --only-changed                      # the numbers, one line per experiment
     .venv/bin/python scripts/queue_grid.py collect [NAME ...]  # every experiment's results → workspace
     .venv/bin/dvc repro report                                 # or `collect --repro`
 
-`queue` runs ``dvc exp run --queue -n <prefix><row> ablations@<row>`` for each row (default: every
-row of ``ablations.rows``). ``--force`` reruns rows whose inputs did not change (``-f -s``: the row
+`queue` runs ``dvc exp run --queue -n <prefix><task>-<row> ablations@<task>-<row>`` for each row
+(default: every row of ``ablations.rows`` on every task of ``ablations.tasks``; a bare ROW means that
+row on every task of ``ablations.tasks``). ``--force`` reruns rows whose inputs did not change (``-f -s``: the row
 alone, its upstream outputs are checked out from the cache, never rerun); ``--set`` passes ``-S``.
 
 `start` runs ``dvc queue start --jobs N`` with this interpreter's ``bin`` folder first on PATH: DVC
@@ -66,11 +67,17 @@ def git(*args: str, root: Path, binary: bool = False) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- queue
-def grid_rows(root: Path) -> list[str]:
+def grid_rows(root: Path, rows: Iterable[str] = ()) -> list[str]:
+    """The stage items ``<task>-<row>`` of ``rows`` (default: every row of ``ablations.rows``) on every
+    task of ``ablations.tasks``; an item already naming its task is kept as it is."""
     import yaml
 
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    return list(params["ablations"]["rows"])
+    ablations = yaml.safe_load((root / "params.yaml").read_text())["ablations"]
+    tasks = list(ablations.get("tasks") or [])
+    items = []
+    for row in list(rows) or list(ablations["rows"]):
+        items += [row] if any(row.startswith(f"{t}-") for t in tasks) else [f"{t}-{row}" for t in tasks]
+    return items
 
 
 def queue_commands(rows: Iterable[str], *, force: bool = False, sets: Iterable[str] = (), prefix: str = "",
@@ -298,13 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: the current folder)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("queue", help="queue one experiment per ablation row (dvc exp run --queue)")
-    q.add_argument("rows", nargs="*", help="rows of ablations.rows (default: all)")
+    q.add_argument("rows", nargs="*", help="rows of ablations.rows, each on every task of ablations.tasks, or "
+                   "TASK-ROW items (default: every row on every task)")
     q.add_argument("--force", action="store_true", help="rerun rows whose inputs did not change (-f -s)")
     q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a param override for every queued row (dvc exp run -S); repeatable")
     q.add_argument("--prefix", default="", help="experiment name prefix (names are <prefix><row>)")
     q.add_argument("--stage", default=STAGE, help=f"the foreach stage whose items are queued (default {STAGE}; "
-                   "ROWs are then required for another stage, e.g. compare: image-atomic)")
+                   "ROWs are then required, as that stage's item names)")
     q.add_argument("--dry-run", action="store_true", help="print the dvc commands only")
     s = sub.add_parser("start", help="dvc queue start --jobs N with the venv on PATH, then wait")
     s.add_argument("--jobs", "-j", type=int, default=2, help="queue workers = experiments at a time (default 2)")
@@ -326,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"queue: {LOCK} is not committed: an experiment starts from the last commit (plus changes to "
                   "tracked files), so commit dvc.lock and results/ first", file=sys.stderr)
             return 1
-        rows = args.rows or grid_rows(root)
+        rows = grid_rows(root, args.rows) if args.stage == STAGE else args.rows
         for cmd in queue_commands(rows, force=args.force, sets=args.sets, prefix=args.prefix, stage=args.stage):
             print("dvc " + shlex.join(cmd), flush=True)
             if not args.dry_run and dvc(*cmd, root=root, check=False, capture=False).returncode:

@@ -106,13 +106,20 @@ def test_collect_refuses_to_overwrite_a_workspace_change(toy):
 
 
 def test_queue_commands():
-    assert grid.queue_commands(["full", "k_16"], force=True) == [
-        ["exp", "run", "--queue", "-n", "full", "-f", "-s", "ablations@full"],
-        ["exp", "run", "--queue", "-n", "k_16", "-f", "-s", "ablations@k_16"]]
-    assert grid.queue_commands(["k_16"], sets=["base.seed=1"], prefix="s1-") == [
-        ["exp", "run", "--queue", "-n", "s1-k_16", "-S", "base.seed=1", "ablations@k_16"]]
+    assert grid.queue_commands(["image-full", "image-k_16"], force=True) == [
+        ["exp", "run", "--queue", "-n", "image-full", "-f", "-s", "ablations@image-full"],
+        ["exp", "run", "--queue", "-n", "image-k_16", "-f", "-s", "ablations@image-k_16"]]
+    assert grid.queue_commands(["image-k_16"], sets=["base.seed=1"], prefix="s1-") == [
+        ["exp", "run", "--queue", "-n", "s1-image-k_16", "-S", "base.seed=1", "ablations@image-k_16"]]
     with pytest.raises(SystemExit, match="cannot be combined"):
         grid.queue_commands(["full"], force=True, sets=["base.seed=1"])
+
+
+def test_grid_rows_are_stage_items_on_every_task_of_the_grid(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"ablations": {
+        "tasks": ["image", "audio"], "rows": {"full": {}, "k_16": {"identifiers": {"n_clusters": 16}}}}}))
+    assert grid.grid_rows(tmp_path) == ["image-full", "audio-full", "image-k_16", "audio-k_16"]
+    assert grid.grid_rows(tmp_path, ["k_16", "audio-full"]) == ["image-k_16", "audio-k_16", "audio-full"]
 
 
 def test_queue_grid_script_help():
@@ -146,7 +153,7 @@ def test_the_grid_on_the_queue_with_two_workers_matches_the_sequential_run(smoke
     runs_before = mlflow_runs(repo / "mlflow.db")
 
     script = [str(BIN / "python"), str(ROOT / "scripts" / "queue_grid.py")]
-    _run([*script, "queue", "--force", *ROWS], repo)
+    _run([*script, "queue", "--force", *ROWS], repo)  # each row on ablations.tasks: image
     start = time.time()
     proc = subprocess.run([*script, "start", "--jobs", "2", "--poll", "5"], cwd=repo, env=_env(),
                           capture_output=True, text=True, timeout=1800)
@@ -160,7 +167,8 @@ def test_the_grid_on_the_queue_with_two_workers_matches_the_sequential_run(smoke
     for row, folder in rows.items():
         timings = json.loads((repo / folder / "timings.json").read_text())
         assert timings["model_cache_hit"] in (False, 0), row  # trained in the queue, not loaded
-        assert lock_entry(repo, f"ablations@{row}") == lock_entry(repo, f"ablations@{row}", exp_rev(repo, row))
+        stage, name = f"ablations@image-{row}", f"image-{row}"
+        assert lock_entry(repo, stage) == lock_entry(repo, stage, exp_rev(repo, name))
         # what came back is the experiment's: its timings.json (a measurement), not the commit's
         assert sequential[f"{folder}timings.json"] != tree_digest(repo)[f"{folder}timings.json"]
     after = tree_digest(repo)
@@ -171,6 +179,6 @@ def test_the_grid_on_the_queue_with_two_workers_matches_the_sequential_run(smoke
     assert all(p == "dvc.lock" or is_measurement_file(p) for p in changed), changed
     # both runs went to the one store of the repository, tagged with their experiment
     new = [r for r in mlflow_runs(repo / "mlflow.db") if r not in runs_before]
-    assert sorted(r for r in new if r[1]) == sorted((f"ablations/image/{r}", r) for r in ROWS)
+    assert sorted(r for r in new if r[1]) == sorted((f"ablations/image/{r}", f"image-{r}") for r in ROWS)
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     print(f"queue of {len(ROWS)} rows with 2 workers: {elapsed:.0f} s")

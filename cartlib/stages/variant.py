@@ -40,8 +40,8 @@ from cartlib.ids.vocab import Vocabulary
 from cartlib.model.sizing import trainable_parameters
 from cartlib.paths import TaskPaths
 from cartlib.stages.evaluate import rank_queries
-from cartlib.stages.train import (build_model, load_bundle, load_qrels_val, save_bundle, training_pairs,
-                                  validation_set)
+from cartlib.stages.train import (TrainingPairs, build_model, load_bundle, load_qrels_val, save_bundle,
+                                  training_pairs, validation_set)
 from cartlib.train import ValidationSet, resolve_precision, train_cart
 
 # identifier settings that change the table itself (scheme aside); anything else is training-only
@@ -133,21 +133,43 @@ def trained_model(cfg: TrainConfig, *, table: IdentifierTable, texts: list[str],
     return TrainedVariant(tokenizer, result.model, result.history, key, False)
 
 
-def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: bool = True) -> VariantResult:
-    """Train (or reuse) and evaluate the generative model of ``params`` + ``overrides``."""
-    p = grid_params(params, overrides)
-    cfg = p.train
-    device = resolve_device(p.base.device)
+def variant_dataset(paths: TaskPaths) -> schema.Dataset:
+    """The task's dataset with the `captions` stage's pseudo-captions (what every grid row trains on)."""
     dataset = schema.load_dataset(paths.dataset, verify_hashes=False)
-    dataset = with_pseudo_captions(dataset, pseudo_captions_path(paths))  # the captions stage's
-    qrels = query_subset(schema.load_qrels(paths.qrels, dataset), p.grid.n_queries, p.base.seed)
+    return with_pseudo_captions(dataset, pseudo_captions_path(paths))  # the captions stage's
+
+
+class VariantTraining(NamedTuple):
+    table: IdentifierTable
+    pairs: TrainingPairs
+    val: ValidationSet | None
+    trained: TrainedVariant
+
+
+def train_variant(p: Params, paths: TaskPaths, dataset: schema.Dataset, *, progress: bool = True) -> VariantTraining:
+    """The training half of :func:`run_variant` for ``p`` (already :func:`grid_params`): training
+    pairs, identifier table, the validation set (validation queries only) and the trained (or
+    cached, ``paths.models / "variants"``) model. Reads no test query and no test qrels."""
+    cfg = p.train
     # before the identifier table: a caption-enhanced row without pseudo-captions stops here
     pairs = training_pairs(dataset, caption_enhancement=cfg.caption_enhancement, seed=p.base.seed,
                            refs_per_item=cfg.refs_per_item, max_train_items=cfg.max_train_items)
     table = identifier_table(p, paths, dataset, progress=progress)
     val = validation_set(dataset, load_qrels_val(paths, dataset), torch.tensor(table.codes), table.vocab.level_sizes)
     trained = trained_model(cfg, table=table, texts=pairs.texts, rows=pairs.rows, seed=cfg.seed,
-                            cache_dir=paths.models / "variants", device=device, progress=progress, val=val)
+                            cache_dir=paths.models / "variants", device=resolve_device(p.base.device),
+                            progress=progress, val=val)
+    return VariantTraining(table, pairs, val, trained)
+
+
+def run_variant(params: Params, paths: TaskPaths, *, overrides: dict, progress: bool = True) -> VariantResult:
+    """Train (or reuse) and evaluate the generative model of ``params`` + ``overrides``."""
+    p = grid_params(params, overrides)
+    cfg = p.train
+    device = resolve_device(p.base.device)
+    dataset = variant_dataset(paths)
+    qrels = query_subset(schema.load_qrels(paths.qrels, dataset), p.grid.n_queries, p.base.seed)
+    table, pairs, _, trained = train_variant(p, paths, dataset, progress=progress)
     tokenizer, model, history, hit = trained.tokenizer, trained.model, trained.history, trained.cache_hit
     key = trained.key.config_digest
 
