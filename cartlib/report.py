@@ -204,29 +204,37 @@ def _other_claim(claim: str, task: str, ours: str, paper: str, verdict: str, evi
                      evidence, verdict=Verdict(verdict)), "kind": "—"}
 
 
+SPEED = ("queries_per_second_with_encoding", "queries_per_second_without_encoding")
+
+
 def main_table(root: Path, params: Params) -> pd.DataFrame:
+    """Per task: the dual tower, the baselines stage's systems and the main CART run on all test queries,
+    with queries/s measured like for like by the evaluate stage (``speed.tsv``: the same batches, with
+    and without query encoding; :mod:`cartlib.bench.main_speed`)."""
     rows = []
     for task in params.base.tasks:
         res = root / "results"
         dual = _json(res / "features" / task / "metrics.json")
         systems = _table(res / "baselines" / task / "systems.tsv")
         baseline_rows = systems.to_dict("records") if systems is not None else []
+        speed = _table(res / "evaluate" / task / "speed.tsv")
+        rates = ({r["system"]: {k: r.get(k) for k in SPEED} for r in speed.to_dict("records")}
+                 if speed is not None else {})
         if dual:
-            # the features stage's metrics, with the search speed the baselines stage measured for it
-            speed = [r["queries_per_second"] for r in baseline_rows
-                     if r["system"] == "dual_tower_exact" and "queries_per_second" in r]
             rows.append({"task": task, "system": "dual-tower (our encoder), exact", "schedule": "—", **dual,
-                         **({"queries_per_second": speed[0]} if speed else {})})
+                         **rates.get("dual_tower_exact", {})})
         for r in baseline_rows:
             if r["system"] != "dual_tower_exact":
-                rows.append({"task": task, **r, "system": r["description"], "schedule": "—"})
+                rows.append({"task": task, **{k: v for k, v in r.items() if k not in SPEED},
+                             "system": r["description"], "schedule": "—", **rates.get(r["system"], {})})
         cart = _measured(res / "evaluate" / task / "metrics.json")
         if cart:
-            rows.append({"task": task, "system": "**CART** (main run)", "schedule": "main", **cart})
-    cols = ["task", "system", "schedule", *METRICS, "queries_per_second", "n_queries", "n_candidates"]
+            rows.append({"task": task, "system": "**CART** (main run)", "schedule": "main", **cart,
+                         **rates.get("cart", {})})
+    cols = ["task", "system", "schedule", *METRICS, *SPEED, "n_queries", "n_candidates"]
     frame = pd.DataFrame(rows)
     frame = frame.reindex(columns=cols) if len(frame) else pd.DataFrame(columns=cols)
-    for c in METRICS:  # null (not applicable) → NaN → an empty cell
+    for c in (*METRICS, *SPEED):  # null (not applicable) → NaN → an empty cell
         frame[c] = pd.to_numeric(frame[c], errors="coerce").astype(float)
     return frame
 
@@ -665,9 +673,13 @@ def run(params: Params, root: str | Path) -> ReportResult:
         "## Main table (the paper's Tables 2–3)",
         "",
         f"`main` = the CART run of the `train`/`evaluate` stages (the main scale, all test queries), beside the "
-        "dual tower, FAISS and pseudo-caption matching on the same test queries. Queries/s are this machine's "
-        f"(2-core CPU) for batches of {params.evaluate.batch_size} queries. An empty cell: not applicable. The other "
-        "identifier schemes are rows of the grid (below), at the grid's scale.",
+        "dual tower, FAISS and pseudo-caption matching on the same test queries. Queries/s (this machine, "
+        f"2-core CPU) are measured like for like by the `evaluate` stage: every system on the same batches of "
+        f"{params.evaluate.batch_size} test queries, the median of {params.evaluate.speed_repeats} passes, "
+        "`with_encoding` from the query text to the ranked list (tokenising and MiniLM encoding included), "
+        "`without_encoding` from already encoded queries (CART: from the encoder's states; the others: from the "
+        "query vectors); CART with the decoder the `throughput` stage times. An empty cell: not applicable. The "
+        "other identifier schemes are rows of the grid (below), at the grid's scale.",
         "",
         _fmt(main).to_markdown(index=False),
         "",

@@ -32,7 +32,7 @@ from cartlib.encoders.text import encode_sentences
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.metrics import retrieval_metrics
 from cartlib.model.cart import CartModel, EncoderStates
-from cartlib.stages.evaluate import Ranking, decode_texts
+from cartlib.ranking import Ranking, decode_texts
 from cartlib.stages.train import TrainingPairs, training_pairs as stage_training_pairs
 from cartlib.viz import level_names
 
@@ -281,7 +281,7 @@ def final_beams(trace: BeamTrace, *, labels: Sequence[str], gold: int | None = N
 def cart_rankings(model: CartModel, tokenizer, texts: Sequence[str], *, prefix_index: PrefixIndex, beam: int,
                   top_k: int = 10, batch_size: int = 128, max_length: int = 48) -> Ranking:
     """Constrained beam search for every query text, exactly as the `evaluate` stage ranks
-    (:func:`cartlib.stages.evaluate.decode_texts`); items are gallery rows (-1 = none)."""
+    (:func:`cartlib.ranking.decode_texts`); items are gallery rows (-1 = none)."""
     top_k = min(top_k, beam, prefix_index.n_items)
     return decode_texts(model, tokenizer, list(texts), prefix_index, beam=beam, top_k=top_k, batch_size=batch_size,
                         max_length=max_length)

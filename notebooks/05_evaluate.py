@@ -33,6 +33,17 @@ result = evaluate_stage.run(params, paths)
 result.comparison
 
 # %% [markdown]
+# ## Queries/s of every main-table system, like for like
+# CART, the dual tower (exact, FAISS flat / IVF / HNSW) and dual tower + pseudo-caption matching run on the same batches: the test queries sorted by length, in batches of `evaluate.batch_size` (the batches CART was just ranked in), each timed over `evaluate.speed_repeats` passes (median) after a warm-up batch. **With encoding**: a batch's texts to its ranked list (tokenise, encode, search). **Without encoding**: the search alone, from the encoded batch (CART: beam search from the encoder states; the dual tower: from the query vectors). The measured rates change with every run, so they are not shown here: they are in `results/evaluate/<task>/speed.timings.tsv` (columns `queries_per_second_with_encoding`, `queries_per_second_without_encoding`); this notebook shows what was timed.
+
+# %%
+from cartlib.bench.main_speed import caption as speed_caption
+from cartlib.results import split_table
+
+print(speed_caption(result.speed))
+split_table(result.speed)[0]
+
+# %% [markdown]
 # ## All metrics
 
 # %%

@@ -375,7 +375,7 @@ class _FakeTokenizer:
 def test_evaluate_decodes_at_the_device_precision(monkeypatch) -> None:
     """evaluate's one branch: default_precision(model.device), fp32 on this CPU (exact: the same
     rankings as a plain fp32 search); what it picks is what decoding uses (here forced to bf16)."""
-    from cartlib.stages import evaluate
+    from cartlib import ranking as evaluate  # the evaluate stage's decode_texts lives in cartlib.ranking
 
     sizes, codes = TRIES["random"]
     torch.manual_seed(0)

@@ -1,8 +1,9 @@
 """Stage `evaluate`: constrained beam search over the test queries against the test items only,
-scored with the complete qrels (every relevant item of a query counts)."""
+scored with the complete qrels (every relevant item of a query counts); and the main table's
+queries/s of every system (CART, dual tower, FAISS, pseudo-caption fusion) on the same batches, with
+and without query encoding (:mod:`cartlib.bench.main_speed`), as ``speed.tsv`` (+ ``speed.timings.tsv``)."""
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import numpy as np
@@ -10,23 +11,18 @@ import pandas as pd
 import torch
 
 from cartlib import io, metrics as M
+from cartlib.bench import main_speed
+from cartlib.captions.io import pseudo_captions_path, with_pseudo_captions
 from cartlib.config import EvaluateConfig, Params, check_task, resolve_device
 from cartlib.data import schema
+from cartlib.data.features import load_features
 from cartlib.data.idstore import load_identifiers
-from cartlib.decode import Precision, constrained_beam_search, default_precision
+from cartlib.decode import default_precision
 from cartlib.ids.prefix import PrefixIndex
 from cartlib.paths import TaskPaths
 from cartlib.results import publish
+from cartlib.ranking import Ranking, decode_texts, rank_queries  # noqa: F401  (the stage's API)
 from cartlib.stages.train import load_bundle
-
-
-class Ranking(NamedTuple):
-    """Top-k of each query from constrained beam search."""
-
-    items: np.ndarray  # (Q, k) int64 gallery row of the prefix index; -1 where fewer than k
-    scores: np.ndarray  # (Q, k) float32 sum of log-probabilities; -inf where items == -1
-    codes: np.ndarray  # (Q, k, L) int64 generated identifiers; -1 where items == -1
-    seconds: float  # wall-clock of encoding + decoding
 
 
 class EvaluateStageResult(NamedTuple):
@@ -35,52 +31,7 @@ class EvaluateStageResult(NamedTuple):
     errors: pd.DataFrame  # misses by the identifier level of the first wrong token
     comparison: pd.DataFrame  # CART vs the dual-tower baseline
     mlflow_run_id: str | None
-
-
-@torch.inference_mode()
-def decode_texts(model, tokenizer, texts: list[str], index: PrefixIndex, *, beam: int, top_k: int, batch_size: int,
-                 max_length: int, progress: bool = False, precision: Precision | str | None = None) -> Ranking:
-    """Encode query texts in length-sorted batches and decode the top-k identifiers of each
-    (:func:`cartlib.decode.constrained_beam_search`, CART inference); items are gallery rows.
-    ``precision``: the decoder's compute dtype; None = :func:`cartlib.decode.default_precision` of the
-    model's device (fp16 on CUDA, fp32 on a CPU; beam scores are float32 either way)."""
-    from tqdm.auto import tqdm
-
-    if not texts:
-        raise ValueError("no queries to rank")
-    empty = [i for i, t in enumerate(texts) if not str(t).strip()]
-    if empty:
-        raise ValueError(f"empty query at position {empty[0]}")
-    if top_k > index.n_items:
-        raise ValueError(f"top_k={top_k} exceeds the {index.n_items} items of the gallery")
-    beam = min(beam, index.n_items)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    q, depth = len(texts), len(index.level_sizes)
-    items = np.full((q, top_k), -1, np.int64)
-    scores = np.full((q, top_k), -np.inf, np.float32)
-    codes = np.full((q, top_k, depth), -1, np.int64)
-    precision = default_precision(model.device) if precision is None else precision
-    start = time.perf_counter()
-    for lo in tqdm(range(0, q, batch_size), desc="beam search", disable=not progress, unit="batch"):
-        idx = order[lo:lo + batch_size]
-        batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt").to(model.device)
-        enc = model.encode(batch["input_ids"], batch["attention_mask"])
-        out = constrained_beam_search(model, enc, index, beam=beam, top_k=top_k, precision=precision)
-        items[idx], scores[idx], codes[idx] = out.items.cpu().numpy(), out.scores.cpu().numpy(), out.codes.cpu().numpy()
-    return Ranking(items, scores, codes, time.perf_counter() - start)
-
-
-def rank_queries(model, tokenizer, texts: list[str], index: PrefixIndex, gallery_ids: np.ndarray, *,
-                 cfg: EvaluateConfig, max_length: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """:func:`decode_texts` with ``cfg``'s beam, top-k and batch size; gallery rows mapped to
-    ``gallery_ids`` ("" where fewer than k). Returns (ranked ids, scores, codes, seconds)."""
-    if cfg.top_k > index.n_items:
-        raise ValueError(f"evaluate.top_k={cfg.top_k} exceeds the {index.n_items} items of the gallery")
-    r = decode_texts(model, tokenizer, texts, index, beam=cfg.beam, top_k=cfg.top_k, batch_size=cfg.batch_size,
-                     max_length=max_length, progress=progress)
-    ranked = np.where(r.items >= 0, gallery_ids[np.maximum(r.items, 0)], "")
-    return ranked, r.scores, r.codes, r.seconds
+    speed: pd.DataFrame | None = None  # queries/s of every main-table system (main_speed.LABELS + RATES)
 
 
 def first_wrong_level(generated: np.ndarray, gold: np.ndarray) -> np.ndarray:
@@ -127,9 +78,40 @@ def run(params: Params, paths: TaskPaths, *, progress: bool = True, scheme: str 
         result[f"miss_share_level_{l}"] = float(c / max(int(miss.sum()), 1))
 
     comparison = _comparison(paths, result)
+    speed = _speed(params, paths, dataset, cfg=cfg, model=model, tokenizer=tokenizer, index=index,
+                   test_rows=test_rows, query_ids=rel.query_ids, texts=texts,
+                   max_length=bundle["train_config"]["max_length"], device=device, progress=progress)
     run_id = publish(paths, "evaluate", params=params, metrics=result, run=run_frame,
-                     tables={"errors": errors, "comparison": comparison}, variant=variant)
-    return EvaluateStageResult(result, run_frame, errors, comparison, run_id)
+                     tables={"errors": errors, "comparison": comparison, "speed": speed.table}, variant=variant)
+    return EvaluateStageResult(result, run_frame, errors, comparison, run_id, speed.table)
+
+
+def _speed(params: Params, paths: TaskPaths, dataset: schema.Dataset, *, cfg: EvaluateConfig, model, tokenizer,
+           index: PrefixIndex, test_rows: np.ndarray, query_ids, texts: list[str], max_length: int, device: str,
+           progress: bool) -> main_speed.SpeedResult:
+    """Queries/s of every main-table system on the ranking run's batches, with and without query
+    encoding (:func:`cartlib.bench.main_speed.main_table_speed`): CART with the ranking run's decoder,
+    the dual-tower systems on the `features` stage's vectors, built as the `baselines` stage builds them."""
+    from cartlib.encoders.text import load_text_encoder
+
+    feats = load_features(paths.features, dataset)
+    row_of = pd.Series(np.arange(len(feats.caption_ids)), index=feats.caption_ids)
+    missing = sorted(set(query_ids) - set(row_of.index))
+    if missing:
+        raise ValueError(f"{paths.features}: no feature for query {missing[0]!r} (rerun the features stage)")
+    gallery_ids = feats.item_ids[test_rows]
+    caps = with_pseudo_captions(dataset, pseudo_captions_path(paths)).captions  # the captions stage's
+    pseudo = caps[(caps["kind"] == "pseudo") & caps["item_id"].isin(set(gallery_ids))]
+    owner = pd.Series(np.arange(len(gallery_ids)), index=gallery_ids)[pseudo["item_id"]].to_numpy()
+    from_minilm = str(feats.meta.get("text_model", "")).startswith("all-MiniLM-L6-v2")  # as the baselines stage
+    return main_speed.main_table_speed(
+        texts=texts, model=model, tokenizer=tokenizer, index=index, evaluate=cfg, max_length=max_length,
+        items=feats.items[test_rows], query_vectors=feats.captions[row_of[list(query_ids)].to_numpy()],
+        baselines=params.baselines, seed=params.base.seed, device=device,
+        text_encoder=load_text_encoder() if from_minilm or len(pseudo) else None, features_from_minilm=from_minilm,
+        features_text_model=str(feats.meta.get("text_model", "")), pseudo_texts=pseudo["text"].tolist(),
+        pseudo_owner=owner,
+        precision=default_precision(model.device), progress=progress)  # decode_texts' precision: the same decoder
 
 
 def _comparison(paths: TaskPaths, cart: dict) -> pd.DataFrame:

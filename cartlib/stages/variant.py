@@ -39,7 +39,7 @@ from cartlib.ids.prefix import PrefixIndex
 from cartlib.ids.vocab import Vocabulary
 from cartlib.model.sizing import trainable_parameters
 from cartlib.paths import TaskPaths
-from cartlib.stages.evaluate import rank_queries
+from cartlib.ranking import rank_queries
 from cartlib.stages.train import (TrainingPairs, build_model, load_bundle, load_qrels_val, save_bundle,
                                   training_pairs, validation_set)
 from cartlib.train import ValidationSet, resolve_precision, train_cart
