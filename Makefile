@@ -13,7 +13,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: reproduce test env lock stage-path clean-env help queue-grid
+.PHONY: reproduce reproduce-full tune test env lock stage-path clean-env help queue-grid
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -35,6 +35,14 @@ env: $(STAMP)  ## create / update the virtualenv (.venv) with the locked depende
 
 reproduce: $(STAMP)  ## run the whole DVC pipeline on the built-in benchmark (default scale)
 	PATH="$(STAGE_PATH)" $(BIN)/dvc repro $(DVC_ARGS)
+
+# an overlay of params.yaml run as `dvc exp run -S …` in the workspace (scripts/run_profile.py checks it first)
+PROFILE ?= params.full.yaml
+reproduce-full: $(STAMP)  ## the whole grid at the main scale on all three tasks, for a GPU: dvc exp run with params.full.yaml (PROFILE=…; docs/full_profile.md)
+	PATH="$(STAGE_PATH)" $(BIN)/python scripts/run_profile.py run $(PROFILE) $(DVC_ARGS)
+
+tune: $(STAMP)  ## choose the grid's schedule on validation queries → results/tuning/
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/tune_grid.py --task image --budget-seconds 450
 
 test: $(STAMP)  ## run the test suite (unit tests + smoke-scale pipeline)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
