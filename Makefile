@@ -42,7 +42,7 @@ reproduce-full: $(STAMP)  ## the whole grid at the main scale on all three tasks
 	PATH="$(STAGE_PATH)" $(BIN)/python scripts/run_profile.py run $(PROFILE) $(DVC_ARGS)
 
 tune: $(STAMP)  ## choose the grid's schedule on validation queries → results/tuning/
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/tune_grid.py --task image --budget-seconds 450
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/tune_grid.py --task image
 
 test: $(STAMP)  ## run the test suite (unit tests + smoke-scale pipeline)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
