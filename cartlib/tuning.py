@@ -48,18 +48,21 @@ __all__ = ["DEFAULT_CANDIDATES", "DEFAULT_BUDGET_SECONDS", "TIE_TOLERANCE", "RUL
            "MissingInputError", "candidate_params", "check_inputs", "choose", "tune", "write_tuning",
            "curves_figure"]
 
-DEFAULT_BUDGET_SECONDS = 540.0  # 9 min of training epochs: with the validation passes and the text encoding,
-                                # about the issue's "10 minutes per grid training" on 2 CPU cores
+DEFAULT_BUDGET_SECONDS = 360.0  # 6 min of training epochs: with the validation passes and the text encoding
+                                # about 8 min per grid training on 2 CPU cores, so that the 25 trainings
+                                # of the grid fit the default run's 8 hours beside the main models
 TIE_TOLERANCE = 0.005  # validation R@1 closer than this to the best is a tie: the cheaper candidate wins
-# a small grid on the default benchmark (scripts/tune_grid.py without --candidates), at about equal
-# training cost on 2 CPU cores (~44 s per epoch of 1,000 items at d_model 128): the learning rate at
-# 12 epochs, then twice the width or twice the train items for half the epochs
+# a small grid on the default benchmark (scripts/tune_grid.py without --candidates). The first is a
+# reference over the budget (12 epochs: where does validation R@1 plateau at this scale?); the others
+# cost about the same (~44 s per epoch of 1,000 items at d_model 128 on 2 CPU cores): the learning
+# rate at 8 epochs, then twice the width or twice the train items for half the epochs
 _SCHEDULE = {"patience": 2, "refs_per_item": 0}
 DEFAULT_CANDIDATES: tuple[dict, ...] = (
     {"max_train_items": 1000, "d_model": 128, "lr": 1e-3, "epochs": 12, **_SCHEDULE},
-    {"max_train_items": 1000, "d_model": 128, "lr": 2e-3, "epochs": 12, **_SCHEDULE},
-    {"max_train_items": 1000, "d_model": 256, "lr": 1e-3, "epochs": 6, **_SCHEDULE},
-    {"max_train_items": 2000, "d_model": 128, "lr": 1e-3, "epochs": 6, **_SCHEDULE},
+    {"max_train_items": 1000, "d_model": 128, "lr": 1e-3, "epochs": 8, **_SCHEDULE},
+    {"max_train_items": 1000, "d_model": 128, "lr": 2e-3, "epochs": 8, **_SCHEDULE},
+    {"max_train_items": 1000, "d_model": 256, "lr": 1e-3, "epochs": 4, **_SCHEDULE},
+    {"max_train_items": 2000, "d_model": 128, "lr": 1e-3, "epochs": 4, **_SCHEDULE},
 )
 RULE = (f"highest best-epoch validation R@1 among the candidates whose training took at most the budget "
         f"(train_seconds: the epochs' training seconds); candidates within {TIE_TOLERANCE} of that R@1 are ties "
