@@ -188,7 +188,7 @@ def test_cli_help_lists_the_default_candidates_and_the_rule(capsys):
     for option in ("--task", "--candidates", "--budget-seconds", "--root", "--out", "--params"):
         assert option in out
     assert '"d_model": 256' in out and "Rule:" in out
-    assert [c["d_model"] for c in tuning.DEFAULT_CANDIDATES] == [128, 128, 256, 128]
+    assert out.count("\"d_model\"") == len(tuning.DEFAULT_CANDIDATES)  # every default candidate is listed
 
 
 def test_cli_stops_with_the_dvc_command_when_inputs_are_missing(tmp_path, capsys):
