@@ -13,7 +13,7 @@
 
 # %% tags=["parameters"]
 task = "image"  # image | audio | video (injected by cart-stage; "" for whole-suite stages)
-variant = ""  # identifier scheme (compare) or ablation row (ablations), injected
+variant = ""  # unused here (ablation stages only), injected
 root = "."  # repository root (injected)
 
 # %%
