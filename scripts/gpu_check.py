@@ -308,6 +308,21 @@ def n_train_texts(root: Path, params) -> tuple[int, str]:
                                           f"({refs} reference + {pseudo} pseudo-captions)")
 
 
+def pick_device(name: str) -> torch.device:
+    """``--device`` as a torch device, a GPU always with its index (``cuda:0``, as the train stage's
+    ``model.device`` is): ``cartlib.train.EncodedTexts.batch`` compares the states' device with the one
+    asked for, and a plain ``cuda`` against states already on ``cuda:0`` made it pin a GPU tensor
+    (the first H200 run stopped there)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def train_loop(model, states, codes: torch.Tensor, *, batch: int, steps: int, cfg, precision: str, device,
                seed: int) -> tuple[float, float, list[float]]:
     """``steps`` optimiser steps of ``cartlib.train.train_step`` at ``batch`` after 2 warm-up steps,
@@ -402,12 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(root, args.smoke)
     tcfg = params.train
     seed = params.base.seed if args.seed is None else args.seed
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("--device cuda, but torch sees no CUDA device")
+    device = pick_device(args.device)
     cuda = device.type == "cuda"
     prec = Precision.of(args.precision) if args.precision else default_precision(device)
     agree_prec = Precision.of(args.agreement_precision or "fp16")

@@ -124,6 +124,21 @@ def test_defaults_and_the_output_path(monkeypatch, tmp_path) -> None:
     assert gpu_check.output_path(gpu_check.parse_args(["--out", "x.csv"]), tmp_path) == Path("x.csv")
 
 
+def test_a_gpu_device_always_carries_its_index(monkeypatch) -> None:
+    # the first H200 run stopped in the training phase: states on 'cuda:0' != the plain 'cuda' asked for,
+    # so EncodedTexts.batch tried to pin a GPU tensor; the train stage passes model.device ('cuda:0')
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert gpu_check.pick_device("auto") == torch.device("cuda", 0)
+    assert gpu_check.pick_device("cuda") == torch.device("cuda", 0)
+    assert gpu_check.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert gpu_check.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        gpu_check.pick_device("cuda")
+
+
 def test_caption_tokens_name_each_level_of_the_identifier() -> None:
     codes = torch.tensor([[3, 0, 7, 2], [0, 5, 5, 0], [1, 1, 1, 11]])
     sizes = (4, 8, 8, 12)
