@@ -257,3 +257,30 @@ def test_seed_runs_finds_the_ablation_stages_seeds_folder(tmp_path):
     found = seed_runs(row, "run.tsv", 0)
     assert found == {0: row / "run.tsv", 1: row / "seeds/seed_1/run.tsv", 2: row / "seeds/seed_2/run.tsv",
                      3: row / "seed_3/run.tsv"}
+
+
+def test_the_summary_names_every_verdict_and_where_cart_loses():
+    claims = pd.DataFrame([
+        {"claim": "CART beats the dual-tower baseline (R@1)", "task": "image", "delta": 0.1, "ci_low": 0.08,
+         "ci_high": 0.12, "verdict": "holds"},
+        {"claim": "CART beats the dual-tower baseline (R@1)", "task": "audio", "delta": -0.05, "ci_low": -0.07,
+         "ci_high": -0.03, "verdict": "refuted"},
+        {"claim": "The K-Means coarse token helps", "task": "image", "delta": -0.001, "ci_low": -0.02,
+         "ci_high": 0.02, "verdict": "inconclusive"},
+    ])
+    main = pd.DataFrame([
+        {"task": "image", "system": "dual-tower (our encoder), exact", "recall_at_1": 0.3,
+         "queries_per_second_with_encoding": 900.0},
+        {"task": "image", "system": report.CART_ROW, "recall_at_1": 0.5, "queries_per_second_with_encoding": 1000.0},
+        {"task": "audio", "system": "dual-tower (our encoder), exact", "recall_at_1": 0.6,
+         "queries_per_second_with_encoding": 900.0},
+        {"task": "audio", "system": report.CART_ROW, "recall_at_1": 0.55, "queries_per_second_with_encoding": 100.0},
+    ])
+    text = report.evidence_summary(claims, main)
+    assert "3 claims checked: 1 holds, 1 refuted, 1 inconclusive, 0 not measured." in text
+    assert "- **refuted**: CART beats the dual-tower baseline (R@1) (audio, Δ -0.050 [-0.070, -0.030])." in text
+    assert "- **inconclusive**: The K-Means coarse token helps (image, Δ -0.001 [-0.020, +0.020])." in text
+    assert "- audio: R@1 of CART 0.550 is below dual-tower (our encoder), exact (0.600)." in text
+    assert "- audio: CART answers 100 queries/s" in text and "(the slowest, dual-tower (our encoder), exact: 900)" in text
+    assert "image: R@1" not in text and "image: CART answers" not in text  # image: CART best and fastest
+    assert "nowhere" in report.evidence_summary(claims, main[main["task"] == "image"])
