@@ -621,6 +621,48 @@ def evidence_summary(claims: pd.DataFrame, main: pd.DataFrame) -> str:
     return "\n".join(lines + [""])
 
 
+def _main_convergence(task: str, m: dict, max_epochs: int, patience: int) -> str:
+    best, trained = int(m["best_epoch"]), int(m["epochs_trained"])
+    after = trained - best
+    state = ("still improving at its last allowed epoch: **not converged**" if best == trained == max_epochs else
+             f"stopped early after {after} epochs without a better validation R@1: at a plateau"
+             if trained < max_epochs else
+             f"no better validation R@1 in the {after} epochs after it: at a plateau" if after >= patience else
+             f"the schedule ended {after} epoch(s) after it, fewer than the patience ({patience}): near a plateau, "
+             "not a proven one")
+    return f"{task}: best epoch {best} of {trained} (at most {max_epochs}; validation R@1 {m['val_recall_at_1']:.3f}), {state}"
+
+
+def convergence_summary(root: Path, params: Params) -> str:
+    """Whether the models behind the verdicts converged, from their epochs: a training whose best
+    validation epoch is its last allowed one was still improving when its schedule ended, and a
+    verdict on it is the effect at that budget, not at convergence. Grid trainings are counted once
+    per model (the beam rows reuse the full row's models)."""
+    lines = ["### Did the models converge?", ""]
+    for task in params.base.tasks:
+        m = _json(root / "results" / "train" / task / "metrics.json")
+        if m and {"best_epoch", "epochs_trained", "val_recall_at_1"} <= set(m):
+            lines.append(f"- Main model, {_main_convergence(task, m, params.train.epochs, params.train.patience)}.")
+    max_grid = int(params.grid.train.get("epochs", params.train.epochs))
+    models = {}
+    for task in params.ablations.tasks:
+        for row in params.ablations.rows:
+            seeds = _table(root / "results" / "ablations" / task / row / "seeds" / "seeds.tsv")
+            if seeds is not None and {"model_key", "train_epochs", "best_epoch"} <= set(seeds.columns):
+                for key, e, b in zip(seeds["model_key"], seeds["train_epochs"], seeds["best_epoch"]):
+                    if pd.notna(e) and pd.notna(b):
+                        models[(task, key)] = (int(e), int(b))
+    if models:
+        at_end = sum(b == e == max_grid for e, b in models.values())
+        lines.append(f"- The grid: {at_end} of its {len(models)} trainings had their best validation R@1 at their last "
+                     f"allowed epoch ({max_grid}): " + (
+                         "still improving when the schedule's learning rate reached 0, so they are **budget-limited, "
+                         "not converged**; their differences are the effects at this budget, which need not be the "
+                         "effects at convergence (`make reproduce-full` trains the grid at the main scale)."
+                         if at_end else "all reached a plateau within the budget."))
+    return "\n".join(lines + [""]) if len(lines) > 2 else ""
+
+
 def learning_curves(root: Path, params: Params):
     """Validation R@1 per epoch of each task's main model (``results/train/<task>/history.tsv``), the
     kept (best) epoch marked: where the plateau is, on validation queries only. None without histories."""
@@ -702,6 +744,7 @@ def run(params: Params, root: str | Path) -> ReportResult:
         f"; scale `{params.base.scale.value}`, base seed {params.base.seed}.",
         "",
         evidence_summary(claims, main),
+        convergence_summary(root, params),
         "## Claims",
         "",
         f"Each claim about two systems is decided on Δ, the difference of their mean hit@1 (= R@1) over the same "

@@ -88,6 +88,7 @@ def test_suite_stages_write_tables_figures_and_report(smoke_repo):
     report = (res / "REPORT.md").read_text()
     assert "## Claims" in report and "CART beats the dual-tower baseline" in report
     assert "## What the evidence shows" in report and "Where CART loses" in report
+    assert "### Did the models converge?" in report
     assert (res / "tables" / "main.md").exists() and (res / "tables" / "ablations.tex").exists()
     assert "Identifier schemes in the same model" in report and (res / "tables" / "schemes.md").exists()
     assert (res / "tables" / "learning_curves.png").exists()

@@ -284,3 +284,31 @@ def test_the_summary_names_every_verdict_and_where_cart_loses():
     assert "- audio: CART answers 100 queries/s" in text and "(the slowest, dual-tower (our encoder), exact: 900)" in text
     assert "image: R@1" not in text and "image: CART answers" not in text  # image: CART best and fastest
     assert "nowhere" in report.evidence_summary(claims, main[main["task"] == "image"])
+
+
+def test_convergence_counts_each_grid_model_once_and_flags_a_best_last_epoch(tmp_path):
+    params = _params(rows=("full", "no_fusion", "beam_1"))
+    last = int(params.grid.train.get("epochs", params.train.epochs))
+    (tmp_path / "results" / "train" / "image").mkdir(parents=True)
+    (tmp_path / "results" / "train" / "image" / "metrics.json").write_text(json.dumps(
+        {"best_epoch": 7, "epochs_trained": 8, "val_recall_at_1": 0.588}))
+    # model "a" is shared by full and beam_1 (counted once) and peaks at the last allowed epoch; "b", "c" earlier
+    for row, keys, best in (("full", ("a", "b"), (last, last - 1)), ("beam_1", ("a",), (last,)),
+                            ("no_fusion", ("c",), (last - 1,))):
+        d = tmp_path / "results" / "ablations" / "image" / row / "seeds"
+        d.mkdir(parents=True)
+        pd.DataFrame({"seed": range(len(keys)), "model_key": keys, "train_epochs": [last] * len(keys),
+                      "best_epoch": best}).to_csv(d / "seeds.tsv", sep="\t", index=False)
+    text = report.convergence_summary(tmp_path, params)
+    assert f"- Main model, image: best epoch 7 of 8 (at most {params.train.epochs}; validation R@1 0.588)" in text
+    assert f"- The grid: 1 of its 3 trainings had their best validation R@1 at their last allowed epoch ({last})" in text
+    assert "budget-limited, not converged" in text
+
+
+def test_a_main_model_best_at_its_last_allowed_epoch_is_not_converged():
+    state = lambda best, trained: report._main_convergence("audio", {"best_epoch": best, "epochs_trained": trained,
+                                                                     "val_recall_at_1": 0.5}, 8, 2)
+    assert "not converged" in state(8, 8)
+    assert "stopped early after 2 epochs" in state(4, 6)
+    assert "at a plateau" in state(6, 8) and "not a proven one" not in state(6, 8)
+    assert "near a plateau, not a proven one" in state(7, 8)  # one epoch after the best < patience 2
