@@ -630,7 +630,7 @@ def _main_convergence(task: str, m: dict, max_epochs: int, patience: int) -> str
              f"no better validation R@1 in the {after} epochs after it: at a plateau" if after >= patience else
              f"the schedule ended {after} epoch(s) after it, fewer than the patience ({patience}): near a plateau, "
              "not a proven one")
-    return f"{task}: best epoch {best} of {trained} (at most {max_epochs}; validation R@1 {m['val_recall_at_1']:.3f}), {state}"
+    return f"{task}: best epoch {best} of {trained} (at most {max_epochs}; validation R@1 {_number(m['val_recall_at_1']):.3f}), {state}"
 
 
 def convergence_summary(root: Path, params: Params) -> str:
