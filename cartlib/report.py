@@ -155,24 +155,29 @@ class Evidence:
             self._qrels[task] = pd.read_csv(path, sep="\t", dtype=str) if path.exists() else None
         return self._qrels[task]
 
-    def hits(self, task: str, folder: str, name: str = "run.tsv") -> list[pd.Series]:
-        """hit@1 per query of each seed's run of the row ``results/<folder>`` ([] if none or no qrels)."""
+    def hits(self, task: str, folder: str, name: str = "run.tsv", *,
+             seeds: tuple[int, ...] | None = None) -> list[pd.Series]:
+        """hit@1 per query of each seed's run of the row ``results/<folder>`` ([] if none or no qrels);
+        only the runs of ``seeds`` when given."""
         qrels = self.qrels(task)
         if qrels is None:
             return []
         out = []
-        for path in seed_runs(self.root / "results" / folder, name, self.params.base.seed).values():
+        for seed, path in seed_runs(self.root / "results" / folder, name, self.params.base.seed).items():
+            if seeds is not None and seed not in seeds:
+                continue
             if path not in self._hits:
                 self._hits[path] = hits_at_1(path, qrels)
             out.append(self._hits[path])
         return out
 
-    def compare(self, task: str, a: tuple[str, ...], b: tuple[str, ...]) -> PairedCI | None:
+    def compare(self, task: str, a: tuple[str, ...], b: tuple[str, ...], *,
+                b_seeds: tuple[int, ...] | None = None) -> PairedCI | None:
         """Paired interval of mean hit@1 of row ``a`` − row ``b`` (each ``(folder[, run file])`` under
-        results/); None when either has no run."""
-        key = (task, a, b)
+        results/), ``b`` restricted to the runs of ``b_seeds`` when given; None when either has no run."""
+        key = (task, a, b, b_seeds)
         if key not in self._cis:
-            ha, hb = self.hits(task, *a), self.hits(task, *b)
+            ha, hb = self.hits(task, *a), self.hits(task, *b, seeds=b_seeds)
             self._cis[key] = stats.compare(ha, hb, n_resamples=self.n_resamples) if ha and hb else None
         return self._cis[key]
 
@@ -272,9 +277,25 @@ def scheme_table(abl: pd.DataFrame) -> pd.DataFrame:
     return out.reindex(columns=cols).reset_index(drop=True)
 
 
+def _same_models(row_seeds: pd.DataFrame | None, full_seeds: pd.DataFrame | None) -> tuple[int, ...] | None:
+    """The seeds of a row that evaluates the full row's own models (the beam rows: the same model key per
+    seed) on fewer seeds than the full row has; None for a row that trains its own models. Such a row is
+    compared with the full row's runs of the same seeds, so the seed-to-seed spread of the full row is not
+    mistaken for the row's effect."""
+    cols = {"seed", "model_key"}
+    if row_seeds is None or full_seeds is None or not (cols <= set(row_seeds) and cols <= set(full_seeds)):
+        return None
+    full_key = dict(zip(full_seeds["seed"].astype(int), full_seeds["model_key"]))
+    row_key = dict(zip(row_seeds["seed"].astype(int), row_seeds["model_key"]))
+    if row_key and all(full_key.get(s) == k for s, k in row_key.items()) and set(row_key) != set(full_key):
+        return tuple(sorted(row_key))
+    return None
+
+
 def _ablation_rows(root: Path, params: Params, ev: Evidence, task: str) -> list[dict]:
     base = root / "results" / "ablations" / task
     full = _json(base / "full" / "metrics.json")
+    full_seeds = _table(base / "full" / "seeds" / "seeds.tsv")
     rows = []
     for row, overrides in params.ablations.rows.items():
         m = _json(base / row / "metrics.json")
@@ -293,11 +314,16 @@ def _ablation_rows(root: Path, params: Params, ev: Evidence, task: str) -> list[
                "trainable_params": m.get("trainable_params"),
                "n_seeds": len(ev.hits(task, f"ablations/{task}/{row}")),
                "epochs": epochs("train_epochs"), "best_epoch": epochs("best_epoch"), **values}
-        if full:
+        same = _same_models(seeds, full_seeds) if row != "full" else None
+        reference = ({k: full_seeds.loc[full_seeds["seed"].astype(int).isin(same), k].mean() if k in full_seeds
+                      else float("nan") for k in values} if same else
+                     {k: _number(full.get(k)) for k in values} if full else None)
+        if reference:
             for k in values:
-                rec[f"delta_{k}"] = values[k] - _number(full.get(k))
-            rec["rel_delta_recall_at_1"] = stats.relative(rec["delta_recall_at_1"], _number(full.get("recall_at_1")))
-        ci = ev.compare(task, (f"ablations/{task}/{row}",), (f"ablations/{task}/full",)) if row != "full" else None
+                rec[f"delta_{k}"] = values[k] - reference[k]
+            rec["rel_delta_recall_at_1"] = stats.relative(rec["delta_recall_at_1"], reference["recall_at_1"])
+        ci = (ev.compare(task, (f"ablations/{task}/{row}",), (f"ablations/{task}/full",), b_seeds=same)
+              if row != "full" else None)
         rec["delta_r1_ci95_low"] = ci.low if ci else float("nan")
         rec["delta_r1_ci95_high"] = ci.high if ci else float("nan")
         paper = PAPER_ABLATION.get(row)
@@ -785,7 +811,8 @@ def run(params: Params, root: str | Path) -> ReportResult:
         "",
         f"Tasks {list(params.ablations.tasks)}. A metric cut at k is empty (not applicable) for a row whose lists are "
         "shorter than k (`beam_1`, `beam_5`). `trainable_params` = the decoder's trainable parameters (the encoder is "
-        "frozen); `epochs`/`best_epoch` per seed. `delta_*` = row − full; `delta_r1_ci95_low/high` = the 95% "
+        "frozen); `epochs`/`best_epoch` per seed. `delta_*` = row − full (a row that decodes the full row's own models, "
+        "e.g. a beam row, against the full row's runs of the same seeds); `delta_r1_ci95_low/high` = the 95% "
         "interval of the paired R@1 difference (the bootstrap above; `n_seeds` runs of the row); "
         "`rel_delta_recall_at_1` = delta / full; `paper_*` = the paper's Flickr30K deltas (fractions) and relative "
         "drop.",

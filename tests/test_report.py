@@ -312,3 +312,29 @@ def test_a_main_model_best_at_its_last_allowed_epoch_is_not_converged():
     assert "stopped early after 2 epochs" in state(4, 6)
     assert "at a plateau" in state(6, 8) and "not a proven one" not in state(6, 8)
     assert "near a plateau, not a proven one" in state(7, 8)  # one epoch after the best < patience 2
+
+
+def test_a_beam_row_is_compared_with_the_full_rows_run_of_the_same_model(tmp_path):
+    """beam_20 decodes full's seed-0 model: its change is against that model's own run (0.40 → 0.41),
+    not against the mean over full's three seeds (0.30), which would add the seeds' spread to it."""
+    params = _params(rows=("full", "beam_20"))
+    write_row(tmp_path, "ablations/image/full", hits(0, 400),
+              metrics={"recall_at_1": 0.3, "recall_at_10": 0.3, "mrr_at_10": 0.3, "n_candidates": 1000})
+    write_row(tmp_path, "ablations/image/full/seeds/seed_1", hits(0, 300))
+    write_row(tmp_path, "ablations/image/full/seeds/seed_2", hits(0, 200))
+    write_row(tmp_path, "ablations/image/beam_20", hits(0, 410))
+    seeds = lambda keys, r1: pd.DataFrame({"seed": range(len(keys)), "model_key": keys, "recall_at_1": r1,
+                                           "recall_at_10": r1, "mrr_at_10": r1})
+    seeds(("k0", "k1", "k2"), (0.4, 0.3, 0.2)).to_csv(tmp_path / "results/ablations/image/full/seeds/seeds.tsv",
+                                                     sep="\t", index=False)
+    (tmp_path / "results/ablations/image/beam_20/seeds").mkdir()
+    seeds(("k0",), (0.41,)).to_csv(tmp_path / "results/ablations/image/beam_20/seeds/seeds.tsv", sep="\t", index=False)
+    row = report.ablation_table(tmp_path, params).set_index("row").loc["beam_20"]
+    assert row["delta_recall_at_1"] == pytest.approx(0.01)
+    assert row["rel_delta_recall_at_1"] == pytest.approx(0.01 / 0.4)
+    assert row["delta_r1_ci95_low"] > 0  # 10 more hits, no misses: paired over the same model
+    # a row that trains its own model (another key) is still compared with all of full's seeds
+    seeds(("other",), (0.41,)).to_csv(tmp_path / "results/ablations/image/beam_20/seeds/seeds.tsv", sep="\t",
+                                      index=False)
+    row = report.ablation_table(tmp_path, params).set_index("row").loc["beam_20"]
+    assert row["delta_recall_at_1"] == pytest.approx(0.11)
