@@ -607,7 +607,7 @@ def _interval(row: pd.Series) -> str:
     return "" if pd.isna(row["delta"]) else f"Δ {row['delta']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
 
 
-def evidence_summary(claims: pd.DataFrame, main: pd.DataFrame) -> str:
+def evidence_summary(claims: pd.DataFrame, main: pd.DataFrame, *, grid_budget_limited: bool = False) -> str:
     """What the evidence shows, in words generated from the claims and the main table: the verdicts
     counted and listed, and every test where CART loses (a baseline with a higher R@1 than the main
     CART run, a faster baseline), so that a loss is never left for the reader to find."""
@@ -623,6 +623,10 @@ def evidence_summary(claims: pd.DataFrame, main: pd.DataFrame) -> str:
                     f"{r['claim']} ({r['task']}{', ' + _interval(r) if _interval(r) else ''})"
                     for _, r in rows.iterrows()) + ".")
         lines.append("")
+        if grid_budget_limited and claims["evidence"].astype(str).str.contains("ablations").any():
+            lines += ["**The grid's verdicts** (the claims whose evidence is the ablation table or the grid's rows) "
+                      "**come from budget-limited models** (see \"Did the models converge?\"): they are the effects "
+                      "at the grid's short schedule, not evidence about converged models.", ""]
     losses = []
     for task, rows in (main.groupby("task", sort=False) if len(main) else []):
         cart = rows[rows["system"] == CART_ROW]
@@ -659,6 +663,21 @@ def _main_convergence(task: str, m: dict, max_epochs: int, patience: int) -> str
     return f"{task}: best epoch {best} of {trained} (at most {max_epochs}; validation R@1 {_number(m['val_recall_at_1']):.3f}), {state}"
 
 
+def grid_convergence(root: Path, params: Params) -> tuple[int, int, int]:
+    """(trainings whose best validation epoch is the last allowed one, trainings, that epoch) over the
+    grid's models, each counted once (the beam rows reuse the full row's models)."""
+    max_grid = int(params.grid.train.get("epochs", params.train.epochs))
+    models = {}
+    for task in params.ablations.tasks:
+        for row in params.ablations.rows:
+            seeds = _table(root / "results" / "ablations" / task / row / "seeds" / "seeds.tsv")
+            if seeds is not None and {"model_key", "train_epochs", "best_epoch"} <= set(seeds.columns):
+                for key, e, b in zip(seeds["model_key"], seeds["train_epochs"], seeds["best_epoch"]):
+                    if pd.notna(e) and pd.notna(b):
+                        models[(task, key)] = (int(e), int(b))
+    return sum(b == e == max_grid for e, b in models.values()), len(models), max_grid
+
+
 def convergence_summary(root: Path, params: Params) -> str:
     """Whether the models behind the verdicts converged, from their epochs: a training whose best
     validation epoch is its last allowed one was still improving when its schedule ended, and a
@@ -669,18 +688,9 @@ def convergence_summary(root: Path, params: Params) -> str:
         m = _json(root / "results" / "train" / task / "metrics.json")
         if m and {"best_epoch", "epochs_trained", "val_recall_at_1"} <= set(m):
             lines.append(f"- Main model, {_main_convergence(task, m, params.train.epochs, params.train.patience)}.")
-    max_grid = int(params.grid.train.get("epochs", params.train.epochs))
-    models = {}
-    for task in params.ablations.tasks:
-        for row in params.ablations.rows:
-            seeds = _table(root / "results" / "ablations" / task / row / "seeds" / "seeds.tsv")
-            if seeds is not None and {"model_key", "train_epochs", "best_epoch"} <= set(seeds.columns):
-                for key, e, b in zip(seeds["model_key"], seeds["train_epochs"], seeds["best_epoch"]):
-                    if pd.notna(e) and pd.notna(b):
-                        models[(task, key)] = (int(e), int(b))
-    if models:
-        at_end = sum(b == e == max_grid for e, b in models.values())
-        lines.append(f"- The grid: {at_end} of its {len(models)} trainings had their best validation R@1 at their last "
+    at_end, n_models, max_grid = grid_convergence(root, params)
+    if n_models:
+        lines.append(f"- The grid: {at_end} of its {n_models} trainings had their best validation R@1 at their last "
                      f"allowed epoch ({max_grid}): " + (
                          "still improving when the schedule's learning rate reached 0, so they are **budget-limited, "
                          "not converged**; their differences are the effects at this budget, which need not be the "
@@ -769,7 +779,7 @@ def run(params: Params, root: str | Path) -> ReportResult:
             f"recorded in git commit `{prov.commit}`" if prov.commit else prov.note) +
         f"; scale `{params.base.scale.value}`, base seed {params.base.seed}.",
         "",
-        evidence_summary(claims, main),
+        evidence_summary(claims, main, grid_budget_limited=grid_convergence(root, params)[0] > 0),
         convergence_summary(root, params),
         "## Claims",
         "",

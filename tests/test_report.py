@@ -338,3 +338,11 @@ def test_a_beam_row_is_compared_with_the_full_rows_run_of_the_same_model(tmp_pat
                                       index=False)
     row = report.ablation_table(tmp_path, params).set_index("row").loc["beam_20"]
     assert row["delta_recall_at_1"] == pytest.approx(0.11)
+
+
+def test_the_summary_flags_the_grids_verdicts_when_its_models_are_budget_limited():
+    claims = pd.DataFrame([{"claim": "The K-Means coarse token helps", "task": "image", "delta": -0.001,
+                            "ci_low": -0.02, "ci_high": 0.02, "verdict": "inconclusive",
+                            "evidence": "results/tables/ablations.md"}])
+    assert "come from budget-limited models" in report.evidence_summary(claims, pd.DataFrame(), grid_budget_limited=True)
+    assert "budget-limited" not in report.evidence_summary(claims, pd.DataFrame(), grid_budget_limited=False)
