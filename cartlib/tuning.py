@@ -45,17 +45,20 @@ from cartlib.results import split_table
 from cartlib.stages.variant import grid_params, seed_overrides, train_variant, variant_dataset
 
 __all__ = ["DEFAULT_CANDIDATES", "DEFAULT_BUDGET_SECONDS", "TIE_TOLERANCE", "RULE", "Choice", "TuningResult",
-           "MissingInputError", "candidate_params", "check_inputs", "choose", "tune", "write_tuning",
-           "curves_figure"]
+           "MissingInputError", "candidate_params", "check_inputs", "choose", "reached_plateau", "tune",
+           "write_tuning", "curves_figure"]
 
-DEFAULT_BUDGET_SECONDS = 360.0  # 6 min of training epochs: with the validation passes and the text encoding
-                                # about 8 min per grid training on 2 CPU cores, so that the 25 trainings
+DEFAULT_BUDGET_SECONDS = 360.0  # 6 min of training epochs: with the validation passes and the test scoring
+                                # about 9 min per grid training on 2 CPU cores, so that the 25 trainings
                                 # of the grid fit the default run's 8 hours beside the main models
 TIE_TOLERANCE = 0.005  # validation R@1 closer than this to the best is a tie: the cheaper candidate wins
-# a small grid on the default benchmark (scripts/tune_grid.py without --candidates). The first is a
-# reference over the budget (12 epochs: where does validation R@1 plateau at this scale?); the others
-# cost about the same (~44 s per epoch of 1,000 items at d_model 128 on 2 CPU cores): the learning
-# rate at 8 epochs, then twice the width or twice the train items for half the epochs
+# a small grid on the default benchmark (scripts/tune_grid.py without --candidates), in the order it was
+# tried. First, schedules whose cosine decay ends within about the budget: a reference over it (12
+# epochs: where does validation R@1 plateau at this scale?), then about equal cost (~44 s per epoch of
+# 1,000 items at d_model 128 on 2 CPU cores): the learning rate at 8 epochs, twice the width or twice
+# the train items for half the epochs. None reached a plateau: each was still improving at its last
+# epoch. Then fewer train items (~30 s per epoch of 500) at a higher rate and a long decay (16 epochs
+# at most), so that early stopping, not the schedule's end, ends the training; and a narrower decoder
 _SCHEDULE = {"patience": 2, "refs_per_item": 0}
 DEFAULT_CANDIDATES: tuple[dict, ...] = (
     {"max_train_items": 1000, "d_model": 128, "lr": 1e-3, "epochs": 12, **_SCHEDULE},
@@ -63,11 +66,15 @@ DEFAULT_CANDIDATES: tuple[dict, ...] = (
     {"max_train_items": 1000, "d_model": 128, "lr": 2e-3, "epochs": 8, **_SCHEDULE},
     {"max_train_items": 1000, "d_model": 256, "lr": 1e-3, "epochs": 4, **_SCHEDULE},
     {"max_train_items": 2000, "d_model": 128, "lr": 1e-3, "epochs": 4, **_SCHEDULE},
+    {"max_train_items": 500, "d_model": 128, "lr": 2e-3, "epochs": 16, **_SCHEDULE},
+    {"max_train_items": 500, "d_model": 64, "lr": 2e-3, "epochs": 16, **_SCHEDULE},
 )
-RULE = (f"highest best-epoch validation R@1 among the candidates whose training took at most the budget "
-        f"(train_seconds: the epochs' training seconds); candidates within {TIE_TOLERANCE} of that R@1 are ties "
-        f"and the one with the fewest train_seconds wins (then the earliest listed); if none fits the budget, "
-        f"the fastest candidate")
+RULE = (f"among the candidates that reached a plateau (stopped early after `patience` epochs without a better "
+        f"validation R@1, or whose best epoch is at least `patience` epochs before their last) and whose training "
+        f"took at most the budget (train_seconds: the epochs' training seconds), the highest best-epoch validation "
+        f"R@1; candidates within {TIE_TOLERANCE} of that R@1 are ties and the one with the fewest train_seconds wins "
+        f"(then the earliest listed). If none of those reached a plateau, the same among all within the budget "
+        f"(the grid is then budget-limited, and the note says so); if none fits the budget, the fastest candidate")
 
 
 class MissingInputError(FileNotFoundError):
@@ -127,22 +134,40 @@ def check_inputs(paths: TaskPaths, scheme: str) -> None:
             f"`dvc repro identifiers@{paths.task} captions@{paths.task}` first")
 
 
-def choose(scores: Sequence[float], seconds: Sequence[float], *, budget_seconds: float = DEFAULT_BUDGET_SECONDS,
-           tolerance: float = TIE_TOLERANCE) -> Choice:
-    """The candidate :data:`RULE` picks, from each candidate's best validation R@1 (``scores``) and
-    training seconds (``seconds``)."""
+def reached_plateau(*, epochs_trained: int, best_epoch: int, max_epochs: int, patience: int) -> bool:
+    """Whether a training's validation R@1 stopped improving before its schedule ended: it stopped early
+    (``patience`` epochs without a better one), or its best epoch lies at least ``patience`` epochs
+    before its last. A best epoch at the last allowed one means still improving: budget-limited."""
+    if patience < 1:
+        return epochs_trained - best_epoch >= 1
+    return epochs_trained < max_epochs or epochs_trained - best_epoch >= patience
+
+
+def choose(scores: Sequence[float], seconds: Sequence[float], *, plateaued: Sequence[bool] | None = None,
+           budget_seconds: float = DEFAULT_BUDGET_SECONDS, tolerance: float = TIE_TOLERANCE) -> Choice:
+    """The candidate :data:`RULE` picks, from each candidate's best validation R@1 (``scores``),
+    training seconds (``seconds``) and whether it reached a plateau (``plateaued``, see
+    :func:`reached_plateau`; None: not known, every candidate counts as one)."""
     if not len(scores) or len(scores) != len(seconds):
         raise ValueError(f"choose: need one score and one time per candidate (got {len(scores)} and {len(seconds)})")
+    plateaued = [True] * len(scores) if plateaued is None else [bool(p) for p in plateaued]
+    if len(plateaued) != len(scores):
+        raise ValueError(f"choose: need one plateau flag per candidate (got {len(plateaued)} for {len(scores)})")
     fits = [float(s) <= budget_seconds for s in seconds]
     fitting = [i for i, ok in enumerate(fits) if ok]
     if not fitting:
         i = min(range(len(seconds)), key=lambda j: (seconds[j], j))
         return Choice(i, fits, [i], f"no candidate trained within {budget_seconds:g} s: the fastest "
                                     f"({seconds[i]:.1f} s) is chosen")
-    best = max(scores[i] for i in fitting)
-    ties = [i for i in fitting if scores[i] >= best - tolerance - 1e-12]
+    converged = [i for i in fitting if plateaued[i]]
+    pool = converged or fitting
+    best = max(scores[i] for i in pool)
+    ties = [i for i in pool if scores[i] >= best - tolerance - 1e-12]
     i = min(ties, key=lambda j: (seconds[j], j))
-    note = (f"best validation R@1 within the {budget_seconds:g} s budget: {best:.4f}; "
+    where = ("among the candidates that reached a plateau within the" if converged else
+             "no candidate reached a plateau within the budget, so the grid's models will be budget-limited; "
+             "best among all within the")
+    note = (f"best validation R@1 {where} {budget_seconds:g} s budget: {best:.4f}; "
             + (f"{len(ties)} candidates within {tolerance}, the cheapest chosen ({seconds[i]:.1f} s, R@1 "
                f"{scores[i]:.4f})" if len(ties) > 1 else f"no other within {tolerance}"))
     return Choice(i, fits, ties, note)
@@ -198,6 +223,8 @@ def tune(params: Params, root: str | Path, *, task: str, candidates: Sequence[Ma
             "n_train_texts": len(run.pairs.texts),
             "epochs_trained": len(history),
             "best_epoch": 1 + int(np.argmax(scores)),
+            "reached_plateau": reached_plateau(epochs_trained=len(history), best_epoch=1 + int(np.argmax(scores)),
+                                               max_epochs=cfg.epochs, patience=cfg.patience),
             "val_recall_at_1": max(scores),
             "val_recall_at_1_per_epoch": " ".join(f"{s:.4f}" for s in scores),
             "epoch_seconds": round(float(np.mean(seconds)), 1),
@@ -213,7 +240,7 @@ def tune(params: Params, root: str | Path, *, task: str, candidates: Sequence[Ma
 
     table = pd.DataFrame(records)
     choice = choose(table["val_recall_at_1"].tolist(), table["train_seconds"].tolist(),
-                    budget_seconds=budget_seconds)
+                    plateaued=table["reached_plateau"].tolist(), budget_seconds=budget_seconds)
     table.insert(table.columns.get_loc("model_key"), "fits_budget", choice.fits_budget)
     table.insert(table.columns.get_loc("model_key"), "chosen", [i == choice.index for i in range(len(table))])
     chosen = candidates[choice.index]
@@ -285,7 +312,8 @@ def readme(result: TuningResult, *, command: str | None = None) -> str:
     t = result.table
     name = t["candidate"].iloc[result.chosen]
     shown = [c for c in ("candidate", "label", "trainable_params", "n_train_texts", "epochs_trained", "best_epoch",
-                         "val_recall_at_1", "epoch_seconds", "train_seconds", "wall_seconds", "fits_budget", "chosen",
+                         "reached_plateau", "val_recall_at_1", "epoch_seconds", "train_seconds", "wall_seconds",
+                         "fits_budget", "chosen",
                          "model_cache_hit") if c in t.columns]
     lines = [
         f"# Grid schedule tuning: {result.task}",

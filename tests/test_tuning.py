@@ -22,7 +22,7 @@ from cartlib.data.features import save_features
 from cartlib.data.idstore import save_identifiers
 from cartlib.paths import task_paths
 from cartlib.stages import variant
-from cartlib.tuning import MissingInputError, choose, tune, write_tuning
+from cartlib.tuning import MissingInputError, choose, reached_plateau, tune, write_tuning
 
 from test_schema import write_tiny
 
@@ -92,6 +92,33 @@ def test_when_nothing_fits_the_fastest_is_chosen_and_said():
     assert c.index == 1 and c.fits_budget == [False, False] and "no candidate" in c.note
 
 
+def test_a_candidate_that_reached_a_plateau_beats_a_better_one_still_improving():
+    # 0.53 was still rising at its last allowed epoch: a grid trained on it would be budget-limited
+    c = choose([0.53, 0.48, 0.46], [300, 250, 200], plateaued=[False, True, True], budget_seconds=600)
+    assert c.index == 1 and c.ties == [1] and "reached a plateau" in c.note
+    # a plateau over budget does not count: then the best within the budget, and the note says why
+    c = choose([0.53, 0.48], [300, 700], plateaued=[False, True], budget_seconds=600)
+    assert c.index == 0 and "budget-limited" in c.note
+    # ties among the plateaued only: the cheaper still-improving one is not a tie
+    c = choose([0.50, 0.499, 0.498], [300, 100, 200], plateaued=[True, False, True], budget_seconds=600)
+    assert c.index == 2 and c.ties == [0, 2]
+    with pytest.raises(ValueError, match="plateau flag"):
+        choose([0.5, 0.4], [1, 2], plateaued=[True])
+
+
+@pytest.mark.parametrize("trained, best, max_epochs, patience, expected", [
+    (12, 12, 12, 2, False),  # best at the last allowed epoch: still improving
+    (8, 7, 8, 2, False),     # the schedule ended 1 epoch after the best, fewer than the patience
+    (8, 6, 8, 2, True),      # 2 epochs without a better one at the end of the schedule
+    (9, 7, 16, 2, True),     # stopped early by the patience
+    (5, 4, 5, 0, True),      # no patience: any epoch after the best
+    (5, 5, 5, 0, False),
+])
+def test_reached_plateau_by_hand(trained, best, max_epochs, patience, expected):
+    assert reached_plateau(epochs_trained=trained, best_epoch=best, max_epochs=max_epochs,
+                           patience=patience) is expected
+
+
 # ------------------------------------------------------------------- (b) validation queries only
 def test_tuning_runs_and_writes_without_the_test_qrels(tiny_task, tmp_path, monkeypatch):
     tiny_task.qrels.unlink()  # the test qrels are gone: nothing may need them
@@ -114,7 +141,11 @@ def test_tuning_runs_and_writes_without_the_test_qrels(tiny_task, tmp_path, monk
     assert (t["n_train_texts"] > 0).all() and (t["trainable_params"] > 0).all()
     assert t["best_epoch"].between(1, 2).all() and t["val_recall_at_1"].between(0, 1).all()
     assert result.n_val_queries == 8  # 4 val items x 2 reference captions
-    expect = choose(t["val_recall_at_1"].tolist(), t["train_seconds"].tolist(), budget_seconds=600)
+    assert list(t["reached_plateau"]) == [  # at most 2 and 1 epochs, patience 1
+        reached_plateau(epochs_trained=e, best_epoch=b, max_epochs=m, patience=1)
+        for e, b, m in zip(t["epochs_trained"], t["best_epoch"], [2, 1])]
+    expect = choose(t["val_recall_at_1"].tolist(), t["train_seconds"].tolist(),
+                    plateaued=t["reached_plateau"].tolist(), budget_seconds=600)
     assert result.chosen == expect.index and result.chosen_overrides == candidates[expect.index]
     assert result.schedule == {**PARAMS.grid.train, **candidates[expect.index]}
     assert list(result.curves.columns) == ["candidate", "epoch", "val_recall_at_1", "loss", "lr", "seconds"]
