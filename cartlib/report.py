@@ -34,6 +34,7 @@ import pandas as pd
 
 from cartlib import io, stats
 from cartlib.config import Params
+from cartlib.convergence import Plateau, plateau_state
 from cartlib.metrics import applicable
 from cartlib.stats import Kind, PairedCI, Verdict
 
@@ -654,48 +655,84 @@ def evidence_summary(claims: pd.DataFrame, main: pd.DataFrame, *, grid_budget_li
 def _main_convergence(task: str, m: dict, max_epochs: int, patience: int) -> str:
     best, trained = int(m["best_epoch"]), int(m["epochs_trained"])
     after = trained - best
-    state = ("still improving at its last allowed epoch: **not converged**" if best == trained == max_epochs else
-             f"stopped early after {after} epochs without a better validation R@1: at a plateau"
-             if trained < max_epochs else
-             f"no better validation R@1 in the {after} epochs after it: at a plateau" if after >= patience else
-             f"the schedule ended {after} epoch(s) after it, fewer than the patience ({patience}): near a plateau, "
-             "not a proven one")
-    return f"{task}: best epoch {best} of {trained} (at most {max_epochs}; validation R@1 {_number(m['val_recall_at_1']):.3f}), {state}"
+    state = plateau_state(epochs_trained=trained, best_epoch=best, max_epochs=max_epochs, patience=patience)
+    text = {
+        Plateau.STILL_IMPROVING: "still improving at its last allowed epoch: **not converged**",
+        Plateau.STOPPED_EARLY: f"stopped early after {after} epochs without a better validation R@1: at a plateau",
+        Plateau.AT_END: f"no better validation R@1 in the {after} epochs after it: at a plateau",
+        Plateau.NEAR: f"the schedule ended {after} epoch(s) after it, fewer than the patience ({patience}): near a "
+                      "plateau, not a proven one",
+    }[state]
+    return f"{task}: best epoch {best} of {trained} (at most {max_epochs}; validation R@1 {_number(m['val_recall_at_1']):.3f}), {text}"
 
 
-def grid_convergence(root: Path, params: Params) -> tuple[int, int, int]:
-    """(trainings whose best validation epoch is the last allowed one, trainings, that epoch) over the
-    grid's models, each counted once (the beam rows reuse the full row's models)."""
+class GridConvergence(NamedTuple):
+    states: dict  # Plateau → number of the grid's trainings (each model counted once)
+    not_plateaued: list  # "row seed s (best epoch b of e)" of each training that did not reach a plateau
+    max_epochs: int
+    patience: int
+
+    @property
+    def n_models(self) -> int:
+        return sum(self.states.values())
+
+    @property
+    def budget_limited(self) -> int:
+        return self.states.get(Plateau.STILL_IMPROVING, 0)
+
+
+def grid_convergence(root: Path, params: Params) -> GridConvergence:
+    """Where each of the grid's trainings ended relative to its validation plateau
+    (:func:`cartlib.convergence.plateau_state`), each model counted once (the beam rows reuse the
+    full row's models), from the rows' ``seeds/seeds.tsv``."""
     max_grid = int(params.grid.train.get("epochs", params.train.epochs))
+    patience = int(params.grid.train.get("patience", params.train.patience))
     models = {}
     for task in params.ablations.tasks:
         for row in params.ablations.rows:
             seeds = _table(root / "results" / "ablations" / task / row / "seeds" / "seeds.tsv")
-            if seeds is not None and {"model_key", "train_epochs", "best_epoch"} <= set(seeds.columns):
-                for key, e, b in zip(seeds["model_key"], seeds["train_epochs"], seeds["best_epoch"]):
-                    if pd.notna(e) and pd.notna(b):
-                        models[(task, key)] = (int(e), int(b))
-    return sum(b == e == max_grid for e, b in models.values()), len(models), max_grid
+            if seeds is None or not {"model_key", "train_epochs", "best_epoch"} <= set(seeds.columns):
+                continue
+            for seed, key, e, b in zip(seeds.get("seed", range(len(seeds))), seeds["model_key"],
+                                       seeds["train_epochs"], seeds["best_epoch"]):
+                if pd.notna(e) and pd.notna(b) and (task, key) not in models:
+                    state = plateau_state(epochs_trained=int(e), best_epoch=int(b), max_epochs=max_grid,
+                                          patience=patience)
+                    models[(task, key)] = (state, f"{row} seed {seed} (best epoch {int(b)} of {int(e)})")
+    states = {s: sum(st is s for st, _ in models.values()) for s in Plateau}
+    not_plateaued = [label for st, label in models.values() if st in (Plateau.STILL_IMPROVING, Plateau.NEAR)]
+    return GridConvergence({s: n for s, n in states.items() if n}, not_plateaued, max_grid, patience)
 
 
-def convergence_summary(root: Path, params: Params) -> str:
+def convergence_summary(root: Path, params: Params, grid: GridConvergence | None = None) -> str:
     """Whether the models behind the verdicts converged, from their epochs: a training whose best
     validation epoch is its last allowed one was still improving when its schedule ended, and a
     verdict on it is the effect at that budget, not at convergence. Grid trainings are counted once
-    per model (the beam rows reuse the full row's models)."""
+    per model (the beam rows reuse the full row's models). ``grid``: :func:`grid_convergence`'s
+    result when already computed."""
     lines = ["### Did the models converge?", ""]
     for task in params.base.tasks:
         m = _json(root / "results" / "train" / task / "metrics.json")
         if m and {"best_epoch", "epochs_trained", "val_recall_at_1"} <= set(m):
             lines.append(f"- Main model, {_main_convergence(task, m, params.train.epochs, params.train.patience)}.")
-    at_end, n_models, max_grid = grid_convergence(root, params)
-    if n_models:
-        lines.append(f"- The grid: {at_end} of its {n_models} trainings had their best validation R@1 at their last "
-                     f"allowed epoch ({max_grid}): " + (
-                         "still improving when the schedule's learning rate reached 0, so they are **budget-limited, "
-                         "not converged**; their differences are the effects at this budget, which need not be the "
-                         "effects at convergence (`make reproduce-full` trains the grid at the main scale)."
-                         if at_end else "all reached a plateau within the budget."))
+    g = grid_convergence(root, params) if grid is None else grid
+    if g.n_models:
+        reached = g.states.get(Plateau.STOPPED_EARLY, 0) + g.states.get(Plateau.AT_END, 0)
+        line = (f"- The grid (at most {g.max_epochs} epochs, patience {g.patience}): {reached} of its {g.n_models} "
+                f"trainings reached a plateau ({g.states.get(Plateau.STOPPED_EARLY, 0)} stopped early by the patience, "
+                f"{g.states.get(Plateau.AT_END, 0)} with no better validation R@1 in the last {g.patience} epochs of "
+                "the schedule)")
+        if g.budget_limited:
+            line += (f"; {g.budget_limited} had their best validation R@1 at their last allowed epoch: still "
+                     "improving when the schedule ended, so **budget-limited, not converged**; their differences are "
+                     "the effects at this budget, which need not be the effects at convergence (`make "
+                     "reproduce-full` trains the grid at the main scale)")
+        if g.states.get(Plateau.NEAR, 0):
+            line += (f"; {g.states[Plateau.NEAR]} ended fewer than {g.patience} epochs after their best: near a "
+                     "plateau, not a proven one")
+        if g.not_plateaued:
+            line += ". Not at a proven plateau: " + "; ".join(g.not_plateaued)
+        lines.append(line + ".")
     return "\n".join(lines + [""]) if len(lines) > 2 else ""
 
 
@@ -766,6 +803,7 @@ def run(params: Params, root: str | Path) -> ReportResult:
     prov = provenance(root)
     runs = _mlflow_runs(root)
     caption = grid_caption(params)
+    grid = grid_convergence(root, params)
     md = "\n".join([
         "# CART on our benchmark: the paper's claims, checked",
         "",
@@ -779,8 +817,8 @@ def run(params: Params, root: str | Path) -> ReportResult:
             f"recorded in git commit `{prov.commit}`" if prov.commit else prov.note) +
         f"; scale `{params.base.scale.value}`, base seed {params.base.seed}.",
         "",
-        evidence_summary(claims, main, grid_budget_limited=grid_convergence(root, params)[0] > 0),
-        convergence_summary(root, params),
+        evidence_summary(claims, main, grid_budget_limited=grid.budget_limited > 0),
+        convergence_summary(root, params, grid),
         "## Claims",
         "",
         f"Each claim about two systems is decided on Δ, the difference of their mean hit@1 (= R@1) over the same "

@@ -39,13 +39,14 @@ import torch
 
 from cartlib import io
 from cartlib.config import ConfigError, Params, resolve_device, with_overrides
+from cartlib.convergence import reached_plateau
 from cartlib.model.sizing import trainable_parameters
 from cartlib.paths import TaskPaths, task_paths
 from cartlib.results import split_table
 from cartlib.stages.variant import grid_params, seed_overrides, train_variant, variant_dataset
 
 __all__ = ["DEFAULT_CANDIDATES", "DEFAULT_BUDGET_SECONDS", "TIE_TOLERANCE", "RULE", "Choice", "TuningResult",
-           "MissingInputError", "candidate_params", "check_inputs", "choose", "reached_plateau", "tune",
+           "MissingInputError", "candidate_params", "check_inputs", "choose", "tune",
            "write_tuning", "curves_figure"]
 
 DEFAULT_BUDGET_SECONDS = 360.0  # 6 min of training epochs: with the validation passes and the test scoring
@@ -134,20 +135,11 @@ def check_inputs(paths: TaskPaths, scheme: str) -> None:
             f"`dvc repro identifiers@{paths.task} captions@{paths.task}` first")
 
 
-def reached_plateau(*, epochs_trained: int, best_epoch: int, max_epochs: int, patience: int) -> bool:
-    """Whether a training's validation R@1 stopped improving before its schedule ended: it stopped early
-    (``patience`` epochs without a better one), or its best epoch lies at least ``patience`` epochs
-    before its last. A best epoch at the last allowed one means still improving: budget-limited."""
-    if patience < 1:
-        return epochs_trained - best_epoch >= 1
-    return epochs_trained < max_epochs or epochs_trained - best_epoch >= patience
-
-
 def choose(scores: Sequence[float], seconds: Sequence[float], *, plateaued: Sequence[bool] | None = None,
            budget_seconds: float = DEFAULT_BUDGET_SECONDS, tolerance: float = TIE_TOLERANCE) -> Choice:
     """The candidate :data:`RULE` picks, from each candidate's best validation R@1 (``scores``),
     training seconds (``seconds``) and whether it reached a plateau (``plateaued``, see
-    :func:`reached_plateau`; None: not known, every candidate counts as one)."""
+    :func:`cartlib.convergence.reached_plateau`; None: not known, every candidate counts as one)."""
     if not len(scores) or len(scores) != len(seconds):
         raise ValueError(f"choose: need one score and one time per candidate (got {len(scores)} and {len(seconds)})")
     plateaued = [True] * len(scores) if plateaued is None else [bool(p) for p in plateaued]

@@ -289,20 +289,37 @@ def test_the_summary_names_every_verdict_and_where_cart_loses():
 def test_convergence_counts_each_grid_model_once_and_flags_a_best_last_epoch(tmp_path):
     params = _params(rows=("full", "no_fusion", "beam_1"))
     last = int(params.grid.train.get("epochs", params.train.epochs))
+    patience = int(params.grid.train.get("patience", params.train.patience))
+    assert last >= 9 and patience == 2  # the hand-made epochs below assume it
     (tmp_path / "results" / "train" / "image").mkdir(parents=True)
     (tmp_path / "results" / "train" / "image" / "metrics.json").write_text(json.dumps(
         {"best_epoch": 7, "epochs_trained": 8, "val_recall_at_1": 0.588}))
-    # model "a" is shared by full and beam_1 (counted once) and peaks at the last allowed epoch; "b", "c" earlier
-    for row, keys, best in (("full", ("a", "b"), (last, last - 1)), ("beam_1", ("a",), (last,)),
-                            ("no_fusion", ("c",), (last - 1,))):
+    # model "a" is shared by full and beam_1 (counted once) and peaks at the last allowed epoch; "b" one epoch
+    # before the schedule's end (near), "c" stopped early by the patience, "d" two epochs before the end
+    for row, keys, trained, best in (("full", ("a", "b"), (last, last), (last, last - 1)),
+                                     ("beam_1", ("a",), (last,), (last,)),
+                                     ("no_fusion", ("c", "d"), (9, last), (7, last - 2))):
         d = tmp_path / "results" / "ablations" / "image" / row / "seeds"
         d.mkdir(parents=True)
-        pd.DataFrame({"seed": range(len(keys)), "model_key": keys, "train_epochs": [last] * len(keys),
+        pd.DataFrame({"seed": range(len(keys)), "model_key": keys, "train_epochs": trained,
                       "best_epoch": best}).to_csv(d / "seeds.tsv", sep="\t", index=False)
+    g = report.grid_convergence(tmp_path, params)
+    assert g.n_models == 4 and g.budget_limited == 1
+    assert g.not_plateaued == [f"full seed 0 (best epoch {last} of {last})",
+                               f"full seed 1 (best epoch {last - 1} of {last})"]
     text = report.convergence_summary(tmp_path, params)
     assert f"- Main model, image: best epoch 7 of 8 (at most {params.train.epochs}; validation R@1 0.588)" in text
-    assert f"- The grid: 1 of its 3 trainings had their best validation R@1 at their last allowed epoch ({last})" in text
-    assert "budget-limited, not converged" in text
+    assert (f"- The grid (at most {last} epochs, patience 2): 2 of its 4 trainings reached a plateau (1 stopped early "
+            "by the patience, 1 with no better validation R@1 in the last 2 epochs of the schedule); 1 had their best "
+            "validation R@1 at their last allowed epoch") in text
+    assert "budget-limited, not converged" in text and "1 ended fewer than 2 epochs after their best" in text
+    assert f"Not at a proven plateau: full seed 0 (best epoch {last} of {last}); full seed 1" in text
+    # every model at a plateau: no flag
+    for row in ("full", "beam_1"):
+        (tmp_path / "results" / "ablations" / "image" / row / "seeds" / "seeds.tsv").unlink()
+    text = report.convergence_summary(tmp_path, params)
+    assert "2 of its 2 trainings reached a plateau" in text and "budget-limited" not in text
+    assert "Not at a proven plateau" not in text
 
 
 def test_a_main_model_best_at_its_last_allowed_epoch_is_not_converged():

@@ -22,7 +22,8 @@ from cartlib.data.features import save_features
 from cartlib.data.idstore import save_identifiers
 from cartlib.paths import task_paths
 from cartlib.stages import variant
-from cartlib.tuning import MissingInputError, choose, reached_plateau, tune, write_tuning
+from cartlib.convergence import reached_plateau
+from cartlib.tuning import MissingInputError, choose, tune, write_tuning
 
 from test_schema import write_tiny
 
@@ -104,19 +105,6 @@ def test_a_candidate_that_reached_a_plateau_beats_a_better_one_still_improving()
     assert c.index == 2 and c.ties == [0, 2]
     with pytest.raises(ValueError, match="plateau flag"):
         choose([0.5, 0.4], [1, 2], plateaued=[True])
-
-
-@pytest.mark.parametrize("trained, best, max_epochs, patience, expected", [
-    (12, 12, 12, 2, False),  # best at the last allowed epoch: still improving
-    (8, 7, 8, 2, False),     # the schedule ended 1 epoch after the best, fewer than the patience
-    (8, 6, 8, 2, True),      # 2 epochs without a better one at the end of the schedule
-    (9, 7, 16, 2, True),     # stopped early by the patience
-    (5, 4, 5, 0, True),      # no patience: any epoch after the best
-    (5, 5, 5, 0, False),
-])
-def test_reached_plateau_by_hand(trained, best, max_epochs, patience, expected):
-    assert reached_plateau(epochs_trained=trained, best_epoch=best, max_epochs=max_epochs,
-                           patience=patience) is expected
 
 
 # ------------------------------------------------------------------- (b) validation queries only
