@@ -34,7 +34,7 @@ import pandas as pd
 
 from cartlib import io, stats
 from cartlib.config import Params
-from cartlib.convergence import Plateau, plateau_state
+from cartlib.convergence import FLAT_TOLERANCE, PLATEAUS, Plateau, parse_curve, plateau_state, recent_gain
 from cartlib.metrics import applicable
 from cartlib.stats import Kind, PairedCI, Verdict
 
@@ -652,14 +652,18 @@ def evidence_summary(claims: pd.DataFrame, main: pd.DataFrame, *, grid_budget_li
     return "\n".join(lines + [""])
 
 
-def _main_convergence(task: str, m: dict, max_epochs: int, patience: int) -> str:
+def _main_convergence(task: str, m: dict, max_epochs: int, patience: int, curve: list | None = None) -> str:
     best, trained = int(m["best_epoch"]), int(m["epochs_trained"])
     after = trained - best
-    state = plateau_state(epochs_trained=trained, best_epoch=best, max_epochs=max_epochs, patience=patience)
+    state = plateau_state(epochs_trained=trained, best_epoch=best, max_epochs=max_epochs, patience=patience,
+                          curve=curve)
+    gain = None if curve is None else recent_gain(curve, patience)
     text = {
         Plateau.STILL_IMPROVING: "still improving at its last allowed epoch: **not converged**",
         Plateau.STOPPED_EARLY: f"stopped early after {after} epochs without a better validation R@1: at a plateau",
         Plateau.AT_END: f"no better validation R@1 in the {after} epochs after it: at a plateau",
+        Plateau.FLAT: f"its last {patience} epochs raised validation R@1 by {_number(gain):.4f}, at most "
+                      f"{FLAT_TOLERANCE}: levelled off, a plateau within that tolerance",
         Plateau.NEAR: f"the schedule ended {after} epoch(s) after it, fewer than the patience ({patience}): near a "
                       "plateau, not a proven one",
     }[state]
@@ -683,8 +687,8 @@ class GridConvergence(NamedTuple):
 
 def grid_convergence(root: Path, params: Params) -> GridConvergence:
     """Where each of the grid's trainings ended relative to its validation plateau
-    (:func:`cartlib.convergence.plateau_state`), each model counted once (the beam rows reuse the
-    full row's models), from the rows' ``seeds/seeds.tsv``."""
+    (:func:`cartlib.convergence.plateau_state`, with its validation curve where ``seeds.tsv`` has one),
+    each model counted once (the beam rows reuse the full row's models)."""
     max_grid = int(params.grid.train.get("epochs", params.train.epochs))
     patience = int(params.grid.train.get("patience", params.train.patience))
     models = {}
@@ -693,14 +697,15 @@ def grid_convergence(root: Path, params: Params) -> GridConvergence:
             seeds = _table(root / "results" / "ablations" / task / row / "seeds" / "seeds.tsv")
             if seeds is None or not {"model_key", "train_epochs", "best_epoch"} <= set(seeds.columns):
                 continue
-            for seed, key, e, b in zip(seeds.get("seed", range(len(seeds))), seeds["model_key"],
-                                       seeds["train_epochs"], seeds["best_epoch"]):
+            curves = seeds.get("val_recall_at_1_per_epoch", pd.Series([None] * len(seeds)))
+            for seed, key, e, b, curve in zip(seeds.get("seed", range(len(seeds))), seeds["model_key"],
+                                              seeds["train_epochs"], seeds["best_epoch"], curves):
                 if pd.notna(e) and pd.notna(b) and (task, key) not in models:
                     state = plateau_state(epochs_trained=int(e), best_epoch=int(b), max_epochs=max_grid,
-                                          patience=patience)
+                                          patience=patience, curve=parse_curve(curve))
                     models[(task, key)] = (state, f"{row} seed {seed} (best epoch {int(b)} of {int(e)})")
     states = {s: sum(st is s for st, _ in models.values()) for s in Plateau}
-    not_plateaued = [label for st, label in models.values() if st in (Plateau.STILL_IMPROVING, Plateau.NEAR)]
+    not_plateaued = [label for st, label in models.values() if st not in PLATEAUS]
     return GridConvergence({s: n for s, n in states.items() if n}, not_plateaued, max_grid, patience)
 
 
@@ -714,17 +719,23 @@ def convergence_summary(root: Path, params: Params, grid: GridConvergence | None
     for task in params.base.tasks:
         m = _json(root / "results" / "train" / task / "metrics.json")
         if m and {"best_epoch", "epochs_trained", "val_recall_at_1"} <= set(m):
-            lines.append(f"- Main model, {_main_convergence(task, m, params.train.epochs, params.train.patience)}.")
+            h = _table(root / "results" / "train" / task / "history.tsv")
+            curve = None if h is None or "val_recall_at_1" not in h or len(h) != int(m["epochs_trained"]) else \
+                [float(v) for v in h["val_recall_at_1"]]
+            lines.append(f"- Main model, "
+                         f"{_main_convergence(task, m, params.train.epochs, params.train.patience, curve)}.")
     g = grid_convergence(root, params) if grid is None else grid
     if g.n_models:
-        reached = g.states.get(Plateau.STOPPED_EARLY, 0) + g.states.get(Plateau.AT_END, 0)
+        reached = sum(g.states.get(s, 0) for s in PLATEAUS)
         line = (f"- The grid (at most {g.max_epochs} epochs, patience {g.patience}): {reached} of its {g.n_models} "
                 f"trainings reached a plateau ({g.states.get(Plateau.STOPPED_EARLY, 0)} stopped early by the patience, "
                 f"{g.states.get(Plateau.AT_END, 0)} with no better validation R@1 in the last {g.patience} epochs of "
-                "the schedule)")
+                f"the schedule, {g.states.get(Plateau.FLAT, 0)} levelled off: their last {g.patience} epochs raised "
+                f"it by at most {FLAT_TOLERANCE})")
         if g.budget_limited:
-            line += (f"; {g.budget_limited} had their best validation R@1 at their last allowed epoch: still "
-                     "improving when the schedule ended, so **budget-limited, not converged**; their differences are "
+            line += (f"; {g.budget_limited} had their best validation R@1 at their last allowed epoch, still "
+                     f"more than {FLAT_TOLERANCE} better than {g.patience} epochs before: still improving when the "
+                     "schedule ended, so **budget-limited, not converged**; their differences are "
                      "the effects at this budget, which need not be the effects at convergence (`make "
                      "reproduce-full` trains the grid at the main scale)")
         if g.states.get(Plateau.NEAR, 0):

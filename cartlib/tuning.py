@@ -39,7 +39,7 @@ import torch
 
 from cartlib import io
 from cartlib.config import ConfigError, Params, resolve_device, with_overrides
-from cartlib.convergence import reached_plateau
+from cartlib.convergence import FLAT_TOLERANCE, reached_plateau
 from cartlib.model.sizing import trainable_parameters
 from cartlib.paths import TaskPaths, task_paths
 from cartlib.results import split_table
@@ -52,7 +52,7 @@ __all__ = ["DEFAULT_CANDIDATES", "DEFAULT_BUDGET_SECONDS", "TIE_TOLERANCE", "RUL
 DEFAULT_BUDGET_SECONDS = 360.0  # 6 min of training epochs: with the validation passes and the test scoring
                                 # about 9 min per grid training on 2 CPU cores, so that the 25 trainings
                                 # of the grid fit the default run's 8 hours beside the main models
-TIE_TOLERANCE = 0.005  # validation R@1 closer than this to the best is a tie: the cheaper candidate wins
+TIE_TOLERANCE = FLAT_TOLERANCE  # 0.005: validation R@1 closer than this to the best is a tie: the cheaper candidate wins
 # a small grid on the default benchmark (scripts/tune_grid.py without --candidates), in the order it was
 # tried. First, schedules whose cosine decay ends within about the budget: a reference over it (12
 # epochs: where does validation R@1 plateau at this scale?), then about equal cost (~44 s per epoch of
@@ -71,11 +71,12 @@ DEFAULT_CANDIDATES: tuple[dict, ...] = (
     {"max_train_items": 500, "d_model": 64, "lr": 2e-3, "epochs": 16, **_SCHEDULE},
 )
 RULE = (f"among the candidates that reached a plateau (stopped early after `patience` epochs without a better "
-        f"validation R@1, or whose best epoch is at least `patience` epochs before their last) and whose training "
-        f"took at most the budget (train_seconds: the epochs' training seconds), the highest best-epoch validation "
-        f"R@1; candidates within {TIE_TOLERANCE} of that R@1 are ties and the one with the fewest train_seconds wins "
-        f"(then the earliest listed). If none of those reached a plateau, the same among all within the budget "
-        f"(the grid is then budget-limited, and the note says so); if none fits the budget, the fastest candidate")
+        f"validation R@1, or no better one in the last `patience` epochs, or at most {FLAT_TOLERANCE} better: "
+        f"cartlib/convergence.py) and whose training took at most the budget (train_seconds: the epochs' training "
+        f"seconds), the highest best-epoch validation R@1; candidates within {TIE_TOLERANCE} of that R@1 are ties and "
+        f"the one with the fewest train_seconds wins (then the earliest listed). If none of those reached a plateau, "
+        f"the same among all within the budget (the grid is then budget-limited, and the note says so); if none fits "
+        f"the budget, the fastest candidate")
 
 
 class MissingInputError(FileNotFoundError):
@@ -216,7 +217,7 @@ def tune(params: Params, root: str | Path, *, task: str, candidates: Sequence[Ma
             "epochs_trained": len(history),
             "best_epoch": 1 + int(np.argmax(scores)),
             "reached_plateau": reached_plateau(epochs_trained=len(history), best_epoch=1 + int(np.argmax(scores)),
-                                               max_epochs=cfg.epochs, patience=cfg.patience),
+                                               max_epochs=cfg.epochs, patience=cfg.patience, curve=scores),
             "val_recall_at_1": max(scores),
             "val_recall_at_1_per_epoch": " ".join(f"{s:.4f}" for s in scores),
             "epoch_seconds": round(float(np.mean(seconds)), 1),

@@ -82,6 +82,9 @@ def test_suite_stages_write_tables_figures_and_report(smoke_repo):
     assert seeds.loc[0, "model_key"] == rows["beam_5"]["model_key"]
     # every row trains on the grid's schedule (smoke: grid.train epochs 2, patience 1) with validation
     assert (seeds["train_epochs"] <= 2).all() and (seeds["best_epoch"] <= seeds["train_epochs"]).all()
+    for _, s in seeds.iterrows():  # each seed's validation curve: one value per epoch, its best at best_epoch
+        curve = [float(v) for v in str(s["val_recall_at_1_per_epoch"]).split()]
+        assert len(curve) == s["train_epochs"] and curve.index(max(curve)) + 1 == s["best_epoch"]
     assert rows["no_fusion"]["trainable_params"] < rows["full"]["trainable_params"]
     assert rows["k_16"]["level_sizes"].startswith("16×")
     assert (res / "tsne" / "image" / "tsne_prefixes.png").exists()

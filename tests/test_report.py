@@ -310,8 +310,9 @@ def test_convergence_counts_each_grid_model_once_and_flags_a_best_last_epoch(tmp
     text = report.convergence_summary(tmp_path, params)
     assert f"- Main model, image: best epoch 7 of 8 (at most {params.train.epochs}; validation R@1 0.588)" in text
     assert (f"- The grid (at most {last} epochs, patience 2): 2 of its 4 trainings reached a plateau (1 stopped early "
-            "by the patience, 1 with no better validation R@1 in the last 2 epochs of the schedule); 1 had their best "
-            "validation R@1 at their last allowed epoch") in text
+            "by the patience, 1 with no better validation R@1 in the last 2 epochs of the schedule, 0 levelled off: "
+            "their last 2 epochs raised it by at most 0.005); 1 had their best validation R@1 at their last allowed "
+            "epoch") in text
     assert "budget-limited, not converged" in text and "1 ended fewer than 2 epochs after their best" in text
     assert f"Not at a proven plateau: full seed 0 (best epoch {last} of {last}); full seed 1" in text
     # every model at a plateau: no flag
@@ -320,6 +321,29 @@ def test_convergence_counts_each_grid_model_once_and_flags_a_best_last_epoch(tmp
     text = report.convergence_summary(tmp_path, params)
     assert "2 of its 2 trainings reached a plateau" in text and "budget-limited" not in text
     assert "Not at a proven plateau" not in text
+
+
+def test_a_grid_training_whose_curve_levelled_off_counts_as_a_plateau(tmp_path):
+    params = _params(rows=("full",))
+    last = int(params.grid.train.get("epochs", params.train.epochs))
+    rising = [0.1 + 0.03 * i for i in range(last)]  # +0.06 in its last 2 epochs
+    flat = rising[:-2] + [rising[-3] + 0.002, rising[-3] + 0.004]  # +0.004: levelled off
+    d = tmp_path / "results" / "ablations" / "image" / "full" / "seeds"
+    d.mkdir(parents=True)
+    pd.DataFrame({"seed": [0, 1], "model_key": ["a", "b"], "train_epochs": [last, last], "best_epoch": [last, last],
+                  "val_recall_at_1_per_epoch": [" ".join(f"{v:.4f}" for v in c) for c in (rising, flat)]}
+                 ).to_csv(d / "seeds.tsv", sep="\t", index=False)
+    g = report.grid_convergence(tmp_path, params)
+    assert g.budget_limited == 1 and g.not_plateaued == [f"full seed 0 (best epoch {last} of {last})"]
+    assert "1 of its 2 trainings reached a plateau (0 stopped early by the patience, 0 with no better validation " \
+           "R@1 in the last 2 epochs of the schedule, 1 levelled off" in report.convergence_summary(tmp_path, params)
+
+
+def test_a_main_model_whose_curve_levelled_off_is_said_so():
+    m = {"best_epoch": 8, "epochs_trained": 8, "val_recall_at_1": 0.6}
+    text = report._main_convergence("image", m, 8, 2, [0.1, 0.3, 0.4, 0.5, 0.55, 0.597, 0.598, 0.6])
+    assert "raised validation R@1 by 0.0030, at most 0.005: levelled off" in text
+    assert "not converged" in report._main_convergence("image", m, 8, 2, [0.1, 0.3, 0.4, 0.5, 0.55, 0.57, 0.58, 0.6])
 
 
 def test_a_main_model_best_at_its_last_allowed_epoch_is_not_converged():

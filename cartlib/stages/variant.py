@@ -240,13 +240,21 @@ def mean_over_seeds(results: dict[int, VariantResult]) -> dict:
     return out
 
 
+def _curve(history: pd.DataFrame) -> str | None:
+    """Validation R@1 after each epoch, space-separated (where the training levelled off: the report's
+    convergence check, cartlib/convergence.py); None without validation."""
+    if "val_recall_at_1" not in history:
+        return None
+    return " ".join(f"{v:.4f}" for v in history["val_recall_at_1"])
+
+
 def run_ablation(params: Params, root: str | Path, row: str, *, task: str, progress: bool = True) -> VariantResult:
     """Stage `ablations`: one row of ``params.ablations.rows`` on ``task`` (one of
     ``params.ablations.tasks``), trained with each of its seeds (:func:`row_seeds`).
 
     Writes the row's ``metrics.json`` (the ranking metrics averaged over the seeds, ``n_seeds``) and
     ``run.tsv`` (the first seed's), ``seeds/seed_<s>/run.tsv`` + ``metrics.json`` for every other
-    seed, and ``seeds/seeds.tsv`` (every seed's metrics). Returns the first seed's result with the
+    seed, and ``seeds/seeds.tsv`` (every seed's metrics and validation R@1 per epoch). Returns the first seed's result with the
     averaged metrics."""
     from cartlib.paths import task_paths
     from cartlib.results import publish, split_metrics
@@ -264,7 +272,8 @@ def run_ablation(params: Params, root: str | Path, row: str, *, task: str, progr
     metrics["overrides"] = json.dumps(overrides, sort_keys=True)
     out = paths.results("ablations") / row
     per_seed = pd.DataFrame([{"seed": s, **{k: r.metrics.get(k) for k in ("model_key", *_METRICS)},
-                              "train_epochs": r.metrics["train_epochs"], "best_epoch": r.metrics.get("best_epoch")}
+                              "train_epochs": r.metrics["train_epochs"], "best_epoch": r.metrics.get("best_epoch"),
+                              "val_recall_at_1_per_epoch": _curve(r.history)}
                              for s, r in results.items()])
     io.write_dataframe_tsv(out / "seeds" / "seeds.tsv", per_seed)
     for seed, result in list(results.items())[1:]:
