@@ -52,7 +52,8 @@ __all__ = ["DEFAULT_CANDIDATES", "DEFAULT_BUDGET_SECONDS", "TIE_TOLERANCE", "RUL
 DEFAULT_BUDGET_SECONDS = 360.0  # 6 min of training epochs: with the validation passes and the test scoring
                                 # about 9 min per grid training on 2 CPU cores, so that the 25 trainings
                                 # of the grid fit the default run's 8 hours beside the main models
-TIE_TOLERANCE = FLAT_TOLERANCE  # 0.005: validation R@1 closer than this to the best is a tie: the cheaper candidate wins
+TIE_TOLERANCE = FLAT_TOLERANCE  # 0.005: validation R@1 closer than this to the best is a tie (the cheaper
+                                # candidate wins), and a curve that gained no more has levelled off
 # a small grid on the default benchmark (scripts/tune_grid.py without --candidates), in the order it was
 # tried. First, schedules whose cosine decay ends within about the budget: a reference over it (12
 # epochs: where does validation R@1 plateau at this scale?), then about equal cost (~44 s per epoch of
